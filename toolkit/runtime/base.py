@@ -1,0 +1,89 @@
+"""The one Runner protocol every backend implements (as Polygraphy's runners).
+
+`runner(batch)` takes float32 NCHW shaped by the card and returns float32 logits (N, classes).
+The public call validates the batch and names what was expected; backends implement `_infer`
+only. Fixed-batch artifacts (static ONNX, TensorRT profiles) are fed in padded chunks here, once,
+so callers never care.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from ..card import ModelCard
+from ..errors import InputError
+
+
+class Runner(ABC):
+    """Callable model with a card and a context-manager lifetime."""
+
+    backend: str = "?"
+
+    def __init__(self, card: ModelCard, *, source: str, device: str = "cpu",
+                 fixed_batch_size: int | None = None, max_batch_size: int | None = None,
+                 precision: str = "fp32") -> None:
+        self.card = card
+        self.source = source
+        self.device = device
+        self.fixed_batch_size = fixed_batch_size
+        self.max_batch_size = fixed_batch_size or max_batch_size
+        self.precision = precision
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        batch = self._check(batch)
+        chunk = self.max_batch_size
+        if chunk is None or len(batch) <= chunk and (self.fixed_batch_size is None or len(batch) == chunk):
+            return self._checked_output(self._infer(batch), len(batch))
+        outputs = []
+        for start in range(0, len(batch), chunk):
+            part = batch[start:start + chunk]
+            real = len(part)
+            if self.fixed_batch_size is not None and real < chunk:
+                part = np.concatenate([part, np.zeros((chunk - real, *part.shape[1:]), np.float32)])
+            outputs.append(self._checked_output(self._infer(part), len(part))[:real])
+        return np.concatenate(outputs)
+
+    def _check(self, batch: Any) -> np.ndarray:
+        expected = (self.card.input_size[0], self.card.height, self.card.width)
+        if not isinstance(batch, np.ndarray):
+            raise InputError(f"expected a numpy float32 array shaped (N, {', '.join(map(str, expected))}), "
+                             f"got {type(batch).__name__}")
+        if batch.dtype != np.float32:
+            raise InputError(f"expected dtype float32, got {batch.dtype}")
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected or batch.shape[0] < 1:
+            raise InputError(f"expected shape (N, {', '.join(map(str, expected))}) with N >= 1, "
+                             f"got {tuple(batch.shape)}")
+        return np.ascontiguousarray(batch)
+
+    def _checked_output(self, logits: np.ndarray, n: int) -> np.ndarray:
+        logits = np.asarray(logits)
+        if logits.shape != (n, self.card.num_classes):
+            raise InputError(f"{self.backend} returned shape {logits.shape}, expected ({n}, {self.card.num_classes}): "
+                             "the artifact and its card disagree")
+        return logits.astype(np.float32, copy=False)
+
+    @abstractmethod
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        """Run the backend on a validated, contiguous float32 batch."""
+
+    def close(self) -> None:
+        """Release sessions, engines, connections. Idempotent."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "device": self.device, "source": self.source,
+                "precision": self.precision, "fixed_batch_size": self.fixed_batch_size,
+                "max_batch_size": self.max_batch_size}
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r}, device={self.device!r})"

@@ -1,0 +1,216 @@
+"""Validation report: what the weights are, whether they load, whether they are healthy.
+
+Each check adds a `Problem` (error or warning) instead of stopping, so one run tells the user
+everything that is wrong. Only unreadable files end the report early.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .card import ModelCard, generic_class_names, load_sidecar, read_class_names, resolve_card
+from .checkpoint import ArchInfo, LoadedCheckpoint, load_checkpoint, resolve_architecture
+from .errors import ArchitectureError, CheckpointError, DataError
+
+Severity = Literal["error", "warning"]
+MAX_LISTED = 10
+
+
+@dataclass(frozen=True)
+class Problem:
+    severity: Severity
+    code: str
+    message: str
+
+
+@dataclass
+class ValidationReport:
+    path: str
+    valid: bool = False
+    arch: str = "unknown"
+    num_classes: int = 0
+    family: str = "unknown"
+    stem: str = "unknown"
+    shortcut: str | None = None
+    depth: int | None = None
+    parameters: int | None = None
+    sha256: str = ""
+    wrapper: str | None = None
+    prefix: str = ""
+    layout: str | None = None
+    accuracy: float | None = None
+    accuracy_samples: int | None = None
+    problems: list[Problem] = field(default_factory=list)
+    card: ModelCard | None = None
+
+    def add(self, severity: Severity, code: str, message: str) -> None:
+        self.problems.append(Problem(severity, code, message))
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["card"] = self.card.to_dict() if self.card else None
+        data["problems"] = [asdict(p) for p in self.problems]
+        return data
+
+
+def _listed(items: list[str]) -> str:
+    shown = ", ".join(items[:MAX_LISTED])
+    return shown + (f" ... (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else "")
+
+
+def validate_checkpoint(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    classes: str | None = None,
+    dataset: str | None = None,
+    data_dir: str | Path | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    min_accuracy: float | None = None,
+    allow_pickle: bool = False,
+    batch_size: int = 128,
+) -> ValidationReport:
+    """Run every check on a checkpoint. Usage errors (unknown --arch, bad --classes) raise."""
+    report = ValidationReport(path=str(path))
+    class_names = read_class_names(classes) if classes else None
+    try:
+        ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
+    except (CheckpointError, ArchitectureError) as exc:
+        report.add("error", "unreadable", str(exc))
+        return report
+    report.sha256, report.wrapper, report.prefix, report.layout = ckpt.sha256, ckpt.wrapper, ckpt.prefix, ckpt.layout
+    if ckpt.dropped_keys:
+        report.add("warning", "dropped_keys", f"keys outside the network were ignored: {_listed(ckpt.dropped_keys)}")
+    if ckpt.pickled_module:
+        report.add("warning", "pickled_module", "weights came from a whole pickled nn.Module (loaded with --allow-pickle)")
+    try:
+        info = resolve_architecture(ckpt.state_dict, arch)
+    except ArchitectureError as exc:
+        report.add("error", "architecture", str(exc))
+        return report
+    report.arch, report.num_classes = info.arch, info.num_classes
+    report.family, report.stem, report.depth = info.spec.family, info.spec.stem, info.spec.depth
+    report.shortcut = info.shortcut
+
+    if class_names is not None and len(class_names) != info.num_classes:
+        report.add("error", "head_mismatch",
+                   f"the head has {info.num_classes} outputs but --classes {classes} lists {len(class_names)} classes")
+        class_names = None
+    report.card = resolve_card(
+        arch=info.arch, num_classes=info.num_classes, stem=info.spec.stem,
+        flags={"class_names": class_names, "shortcut": info.shortcut, "source_sha256": ckpt.sha256},
+        card=ckpt.card or load_sidecar(ckpt.path),
+        preset_name=classes if classes in ("cifar10", "cifar100", "imagenet") else None,
+    )
+    if report.card.num_classes != info.num_classes:  # a stale sidecar card: the tensors win
+        report.add("error", "card_mismatch",
+                   f"the card lists {report.card.num_classes} classes but the head has {info.num_classes}")
+        report.card = report.card.replace(class_names=generic_class_names(info.num_classes))
+
+    _check_tensors(ckpt, report)
+    model = _strict_load(ckpt, info, report)
+    if model is not None:
+        report.parameters = sum(p.numel() for p in model.parameters())
+        _check_forward(model, report.card, report)
+        if dataset is not None:
+            _check_accuracy(model, report, dataset, data_dir, split, limit, min_accuracy, batch_size)
+    report.valid = not report.errors
+    return report
+
+
+def _check_tensors(ckpt: LoadedCheckpoint, report: ValidationReport) -> None:
+    import torch
+
+    state = ckpt.state_dict
+    non_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if non_finite:
+        report.add("error", "non_finite", f"NaN/Inf values in {len(non_finite)} tensors: {_listed(non_finite)}")
+    bn_layers = sorted(k[: -len(".running_var")] for k in state if k.endswith(".running_var"))
+    bad_var = [layer for layer in bn_layers if bool((state[f"{layer}.running_var"] <= 0).any())]
+    if bad_var:
+        report.add("error", "bn_running_var", f"BatchNorm running_var <= 0 in {_listed(bad_var)}")
+    untouched = [
+        layer for layer in bn_layers
+        if f"{layer}.running_mean" in state
+        and bool((state[f"{layer}.running_mean"] == 0).all()) and bool((state[f"{layer}.running_var"] == 1).all())
+    ]
+    if bn_layers and len(untouched) == len(bn_layers):
+        report.add("error", "bn_untrained",
+                   "every BatchNorm has running mean 0 and variance 1: these weights were never trained "
+                   "or lost their buffers")
+    elif untouched:
+        report.add("warning", "bn_default_stats", f"BatchNorm running stats never updated in {_listed(untouched)}")
+    dead = [k for k, v in state.items()
+            if k.endswith(".weight") and v.ndim in (2, 4) and v.numel() and not bool(v.any())]
+    if dead:
+        report.add("error", "dead_layer", f"all-zero weights in {len(dead)} layers: {_listed(dead)}")
+    dead_bn = [k for k, v in state.items()
+               if k.endswith(".weight") and v.ndim == 1 and f"{k[:-7]}.running_var" in state and not bool(v.any())]
+    if dead_bn:
+        report.add("warning", "zero_bn_gamma", f"BatchNorm scale is all zero (block switched off) in {_listed(dead_bn)}")
+
+
+def _strict_load(ckpt: LoadedCheckpoint, info: ArchInfo, report: ValidationReport) -> Any:
+    from .archs import build_model
+
+    model = build_model(info.arch, info.num_classes, shortcut=info.shortcut)
+    expected = model.state_dict()
+    found = ckpt.state_dict
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(found) if tuple(expected[k].shape) != tuple(found[k].shape))
+    if missing:
+        report.add("error", "missing_keys", f"{len(missing)} missing keys: {_listed(missing)}")
+    if unexpected:
+        report.add("error", "unexpected_keys", f"{len(unexpected)} unexpected keys: {_listed(unexpected)}")
+    for key in mismatched:
+        report.add("error", "shape_mismatch",
+                   f"{key}: expected {list(expected[key].shape)}, found {list(found[key].shape)}")
+    if missing or unexpected or mismatched:
+        return None
+    model.load_state_dict(found, strict=True)
+    return model.eval()
+
+
+def _check_forward(model: Any, card: ModelCard, report: ValidationReport) -> None:
+    import torch
+
+    rng = np.random.default_rng(0)
+    batch = torch.from_numpy(rng.standard_normal((4, *card.input_size), dtype=np.float32))
+    with torch.inference_mode():
+        out = model(batch).float()
+    if not bool(torch.isfinite(out).all()):
+        report.add("error", "forward_non_finite", "a forward pass on random inputs gives NaN/Inf logits")
+    elif float((out - out[:1]).abs().max()) < 1e-6:
+        report.add("error", "constant_output", "different inputs give identical logits: the network ignores its input")
+
+
+def _check_accuracy(model: Any, report: ValidationReport, dataset: str, data_dir: str | Path | None,
+                    split: str, limit: int | None, min_accuracy: float | None, batch_size: int) -> None:
+    from .data import load_dataset
+    from .evaluate import collect_logits, top1_accuracy
+    from .runtime.torch_runner import TorchRunner
+
+    assert report.card is not None
+    data = load_dataset(dataset, data_dir, split).subset(limit)
+    try:
+        data = data.aligned_to(report.card.class_names)
+    except DataError as exc:
+        report.add("error", "class_mismatch", str(exc))
+        return
+    runner = TorchRunner(model, report.card, source=report.path)
+    report.accuracy = top1_accuracy(collect_logits(runner, data, batch_size), data.labels)
+    report.accuracy_samples = len(data)
+    if min_accuracy is not None and report.accuracy < min_accuracy:
+        report.add("error", "accuracy_below_threshold",
+                   f"top-1 accuracy {report.accuracy:.4f} on {len(data)} {data.name} images is below "
+                   f"--min-accuracy {min_accuracy}")
