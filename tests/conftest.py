@@ -27,3 +27,14 @@ def sample_card(sample_model):
     from toolkit.card import load_sidecar
 
     return load_sidecar(sample_model)
+
+
+@pytest.fixture(scope="session")
+def sample_onnx_fp32(tmp_path_factory, sample_model):
+    """The sample model exported to fp32 ONNX once per session (export.onnx), for eval/predict tests."""
+    from export.onnx import export
+    from toolkit.checkpoint import load_checkpoint
+    from toolkit.runtime.torch_runner import build_from_checkpoint
+
+    model, card, _ = build_from_checkpoint(load_checkpoint(sample_model))
+    return export(model, card, tmp_path_factory.mktemp("sample_onnx") / "sample.onnx")

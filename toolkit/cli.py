@@ -178,6 +178,210 @@ def validate(
         raise typer.Exit(1)
 
 
+# --- eval / predict / benchmark (issue 4) ---------------------------------------------------------
+
+class BackendName(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    torchscript = "torchscript"
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
+    tensorrt = "tensorrt"
+    remote = "remote"
+
+
+class DeviceName(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class PredictFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+BackendOpt = Annotated[BackendName, typer.Option(help="Runtime; auto picks the artifact's default.")]
+DeviceOpt = Annotated[DeviceName, typer.Option(help="Where to run the model.")]
+
+
+def _open_runner(model: str, backend: BackendName, device: DeviceName, allow_pickle: bool) -> Any:
+    from .runtime.registry import open_model
+
+    options = {"allow_pickle": True} if allow_pickle else {}
+    return open_model(model, backend=backend.value, device=device.value, **options)
+
+
+@app.command("eval")
+@handles_errors
+def eval_command(
+    model: ModelOpt = None,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    split: Annotated[str, typer.Option(help="Dataset split for CIFAR: test or train.")] = "test",
+    download: Annotated[bool, typer.Option("--download", help="Fetch CIFAR into --data-dir if missing.")] = False,
+    backend: BackendOpt = BackendName.auto,
+    device: DeviceOpt = DeviceName.cpu,
+    batch_size: BatchOpt = 256,
+    limit: LimitOpt = None,
+    output_dir: Annotated[Optional[Path], typer.Option(help="Write metrics.json, predictions.csv, "
+                                                       "confusion_matrix.csv, plots and report.html here.")] = None,
+    allow_pickle: AllowPickleOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Accuracy, top-5, per-class precision/recall/F1, confusion matrix and speed of any model artifact."""
+    from .data import load_dataset
+    from .evaluate import evaluate
+
+    if dataset is None:
+        if model:
+            raise UsageError("--dataset is required with -m: cifar10, cifar100, folder (with --data-dir) or sample")
+        dataset = DatasetName.sample
+    path = resolve_model(model)
+    data = load_dataset(dataset.value, data_dir, split, download).subset(limit)
+    with _open_runner(path, backend, device, allow_pickle) as runner:
+        report = evaluate(runner, data, batch_size=batch_size, progress=not as_json)
+    written = {}
+    if output_dir is not None:
+        from .report import write_eval_outputs
+
+        written = write_eval_outputs(report, output_dir)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    from .report import render_eval
+
+    render_eval(report, console())
+    if written:
+        console().print(f"wrote {', '.join(p.name for p in written.values())} to {output_dir}")
+
+
+@app.command("predict")
+@handles_errors
+def predict_command(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive), globs, or - to read "
+                                                "paths from stdin.", show_default=False)],
+    model: ModelOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to list per image.")] = 5,
+    fmt: Annotated[PredictFormat, typer.Option("--format", "-f", help="Output format.")] = PredictFormat.table,
+    backend: BackendOpt = BackendName.auto,
+    device: DeviceOpt = DeviceName.cpu,
+    batch_size: BatchOpt = 32,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Classify images: class names and softmax probabilities. Exit 1 if any input could not be read."""
+    from .evaluate import gather_inputs, predict
+
+    items = gather_inputs(inputs, sys.stdin if "-" in inputs else None)
+    if not items:
+        raise UsageError("no inputs: pass image files, folders, globs, or - with paths on stdin")
+    with _open_runner(resolve_model(model), backend, device, allow_pickle) as runner:
+        results = predict(runner, items, top_k=top_k, batch_size=batch_size)
+    if fmt is PredictFormat.json:
+        print_json(results)
+    elif fmt is PredictFormat.csv:
+        from .report import predictions_csv
+
+        sys.stdout.write(predictions_csv(results))
+    else:
+        from .report import render_predictions
+
+        render_predictions(results, console())
+    failed = sum("error" in r for r in results)
+    if failed:
+        console(stderr=True).print(f"[red]{failed} of {len(results)} inputs could not be read[/]")
+        raise typer.Exit(1)
+
+
+@app.command("benchmark")
+@handles_errors
+def benchmark_command(
+    model: ModelOpt = None,
+    formats: Annotated[Optional[list[str]], typer.Option("--formats", help="Formats to try (repeat or comma-"
+                       "separate): torch, torchscript, onnx, openvino, tensorrt. Default: all.")] = None,
+    precisions: Annotated[Optional[list[str]], typer.Option("--precisions", help="fp32, fp16, int8 (repeat or "
+                          "comma-separate). Default: all.")] = None,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    limit: LimitOpt = None,
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time for throughput (comma-separated).")] = "32,128",
+    device: DeviceOpt = DeviceName.cpu,
+    output_dir: Annotated[Optional[Path], typer.Option(help="Keep the exported artifacts, benchmark.json "
+                                                       "and the accuracy-vs-throughput PNG here.")] = None,
+    allow_pickle: AllowPickleOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export one checkpoint to every format x precision it can, verify, evaluate and time each."""
+    from export.benchmark import run_benchmark
+
+    def split_list(values: Optional[list[str]]) -> list[str] | None:
+        return [v.strip() for value in values for v in value.split(",") if v.strip()] if values else None
+
+    if dataset is None:
+        if model:
+            raise UsageError("--dataset is required with -m: cifar10, cifar100, folder (with --data-dir) or sample")
+        dataset = DatasetName.sample
+    try:
+        sizes = [int(v) for v in batch_sizes.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--batch-sizes must be integers separated by commas, got {batch_sizes!r}") from None
+    result = run_benchmark(
+        resolve_model(model), formats=split_list(formats), precisions=split_list(precisions),
+        dataset=dataset.value, data_dir=data_dir, limit=limit, batch_sizes=sizes, device=device.value,
+        output_dir=output_dir, allow_pickle=allow_pickle, progress=not as_json,
+    )
+    if as_json:
+        print_json(result)
+    else:
+        from .report import render_benchmark
+
+        render_benchmark(result, console())
+    if not any(row["status"] == "ok" for row in result["rows"]):
+        raise typer.Exit(1)
+
+
+# --- serve (issue 5) -------------------------------------------------------------------------------
+
+@app.command("serve")
+@handles_errors
+def serve_command(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free port).")] = 8000,
+    name: Annotated[Optional[str], typer.Option(help="Model name on the wire. Default: the file stem.")] = None,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Most images per runner call.")] = 32,
+    max_delay_ms: Annotated[float, typer.Option(min=0, help="Hold a batch open this long for more requests "
+                                                "(0: batch whatever queued while the model was busy).")] = 0.0,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting beyond this get 503 + Retry-After.")] = 256,
+    timeout_s: Annotated[float, typer.Option(min=0.001, help="A request waiting longer gets 504.")] = 30.0,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body; larger gets 413.")] = 16.0,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Largest image (width x height); larger gets 413.")] = 50_000_000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="TOOLKIT_API_KEY", help="Require 'Authorization: Bearer "
+                                                   "KEY' or 'X-API-Key: KEY' (health endpoints stay open).")] = None,
+    backend: BackendOpt = BackendName.auto,
+    device: DeviceOpt = DeviceName.cpu,
+    workers: Annotated[int, typer.Option(min=1, help="Threads that decode and preprocess images.")] = 2,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Serve MODEL over HTTP: /predict, /evaluate, Open Inference Protocol v2 (KServe/Triton), /metrics, a page."""
+    from serve.config import ServeConfig
+    from serve.server import serve
+
+    path = resolve_model(model)
+    wire_name = name or (path.rstrip("/").rsplit("/", 1)[-1] if path.startswith("http") else Path(path).stem)
+    runner = _open_runner(path, backend, device, allow_pickle)
+    config = ServeConfig(name=wire_name, host=host, port=port, max_batch_size=max_batch_size,
+                         max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_s=timeout_s,
+                         max_body_mb=max_body_mb, max_pixels=max_pixels, api_key=api_key or None,
+                         decode_workers=workers)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        console(stderr=True).print(f"[yellow]warning:[/] serving on {host} without --api-key", highlight=False)
+    console(stderr=True).print(f"serving {wire_name} ({runner.backend}) on http://{host}:{port}/  "
+                               f"v2: /v2/models/{wire_name}", style="dim")
+    with runner:
+        serve(runner, config)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

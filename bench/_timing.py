@@ -1,0 +1,44 @@
+"""Small timing helpers shared by the bench scripts (not part of the installed package)."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+
+def wall_times(command: Sequence[str], repeat: int = 7, warmup: int = 1) -> list[float]:
+    """Wall seconds of a whole process, `repeat` times after `warmup` runs (page cache warm)."""
+    times = []
+    for i in range(warmup + repeat):
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def call_times(func: Callable[[], object], repeat: int = 20, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        func()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def python() -> str:
+    return sys.executable

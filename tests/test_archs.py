@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toolkit.archs import ARCHS, build_model
+from toolkit.checkpoint import infer_architecture
+
+
+def n_params(model: torch.nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+# He et al. 2016 (Table 6) and Xie et al. 2017 (Table 7): parameter counts in millions.
+@pytest.mark.parametrize("arch, paper", [("resnet20", 0.27), ("resnet32", 0.46), ("resnet44", 0.66),
+                                         ("resnet56", 0.85), ("resnet110", 1.7), ("resnet1202", 19.4),
+                                         ("resnext29_8x64d", 34.4), ("resnext29_16x64d", 68.1)])
+def test_cifar_parameter_counts_match_the_papers(arch, paper):
+    with torch.device("meta"):
+        model = build_model(arch, 10)
+    assert n_params(model) == pytest.approx(paper, rel=0.02)
+
+
+def test_option_a_has_no_shortcut_parameters_and_option_b_does():
+    a, b = build_model("resnet20", 10, shortcut="A"), build_model("resnet20", 10, shortcut="B")
+    assert not any("downsample" in k for k in a.state_dict())
+    assert "layer2.0.downsample.0.weight" in b.state_dict()
+    assert n_params(b) > n_params(a)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_architecture_builds_with_any_head_and_is_recognised(arch):
+    with torch.device("meta"):
+        model = build_model(arch, 37)
+    info = infer_architecture(model.state_dict())
+    assert info.arch == arch and info.num_classes == 37
+    assert model.fc.out_features == 37
+
+
+@pytest.mark.parametrize("arch, size", [("resnet20", 32), ("resnext29_32x4d", 32), ("resnet18", 64)])
+def test_forward_gives_logits_per_class(arch, size):
+    model = build_model(arch, 5)
+    with torch.inference_mode():
+        out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+def test_torchvision_names_match_torchvision():
+    import torchvision
+
+    ours = build_model("resnext50_32x4d", 10).state_dict()
+    theirs = torchvision.models.resnext50_32x4d(num_classes=10).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}

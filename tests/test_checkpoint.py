@@ -1,0 +1,157 @@
+"""Every architecture, in every wrapper and key layout users bring, is recognised from its tensors."""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolkit.archs import ARCHS, build_model
+from toolkit.checkpoint import infer_architecture, load_checkpoint, resolve_architecture
+from toolkit.errors import ArchitectureError, CheckpointError
+
+NUM_CLASSES = 13
+
+
+def cheap_state_dict(arch: str, shortcut: str | None = None) -> dict[str, torch.Tensor]:
+    """Real key names and shapes; every tensor is a stride-0 view of one value, so even
+    resnext101 saves to a few kilobytes and the test stays fast."""
+    return dict(_cheap_state_dict(arch, shortcut))
+
+
+@functools.lru_cache(maxsize=None)
+def _cheap_state_dict(arch: str, shortcut: str | None) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        model = build_model(arch, NUM_CLASSES, shortcut=shortcut)
+    state = {}
+    for i, (key, value) in enumerate(model.state_dict().items()):
+        if value.ndim == 0:
+            state[key] = torch.tensor(1, dtype=value.dtype)
+        else:
+            state[key] = torch.tensor([0.01 * (i + 1)], dtype=value.dtype).expand(value.shape)
+    return state
+
+
+def akamaster(state: dict) -> dict:
+    """akamaster/pytorch_resnet_cifar10 names: `linear` head, `shortcut` for option-B convs."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace(".downsample.", ".shortcut.")
+        out["linear." + key[3:] if key.startswith("fc.") else key] = value
+    return out
+
+
+# name -> (transform of a state_dict into what gets saved)
+WRAPPERS: dict[str, Callable[[dict], object]] = {
+    "plain": lambda s: s,
+    "state_dict": lambda s: {"state_dict": s, "epoch": 3, "best_prec1": 91.0},
+    "model": lambda s: {"model": s, "optimizer": {"lr": 0.1}},
+    "model_ema": lambda s: {"model_ema": s},
+    "state_dict_ema": lambda s: {"state_dict_ema": s},
+    "net": lambda s: {"net": s, "acc": 93.0},
+    "lightning": lambda s: {
+        "state_dict": {**{f"model.{k}": v for k, v in s.items()}, "criterion.weight": torch.ones(3)},
+        "pytorch-lightning_version": "2.4.0", "global_step": 10,
+    },
+    "dataparallel": lambda s: {"state_dict": {f"module.{k}": v for k, v in s.items()}},
+    "torch_compile": lambda s: {f"_orig_mod.{k}": v for k, v in s.items()},
+    "ddp_compile": lambda s: {f"module._orig_mod.{k}": v for k, v in s.items()},
+}
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_architecture_in_every_wrapper(tmp_path, arch, wrapper):
+    path = tmp_path / "weights.pth"
+    torch.save(WRAPPERS[wrapper](cheap_state_dict(arch)), path)
+    ckpt = load_checkpoint(path)
+    info = infer_architecture(ckpt.state_dict)
+    assert (info.arch, info.num_classes) == (arch, NUM_CLASSES)
+    assert set(ckpt.state_dict) == set(cheap_state_dict(arch))
+    if wrapper == "lightning":
+        assert ckpt.dropped_keys == ["criterion.weight"]
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56, 110])
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("layout", ["chenyaofo", "akamaster"])
+def test_cifar_layouts_and_shortcut_option(tmp_path, depth, shortcut, layout):
+    state = cheap_state_dict(f"resnet{depth}", shortcut)
+    if layout == "akamaster":  # saved under DataParallel, as its trainer does
+        saved = {"state_dict": {f"module.{k}": v for k, v in akamaster(state).items()}, "best_prec1": 92.0}
+    else:
+        saved = state
+    torch.save(saved, tmp_path / "w.th")
+    ckpt = load_checkpoint(tmp_path / "w.th")
+    info = infer_architecture(ckpt.state_dict)
+    assert (info.arch, info.shortcut, info.num_classes) == (f"resnet{depth}", shortcut, NUM_CLASSES)
+    assert ckpt.layout == ("akamaster" if layout == "akamaster" else "torchvision")
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnext29_32x4d", "resnet18"])
+def test_safetensors(tmp_path, arch):
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous().clone() for k, v in cheap_state_dict(arch).items()}
+    save_file(state, tmp_path / "w.safetensors")
+    info = infer_architecture(load_checkpoint(tmp_path / "w.safetensors").state_dict)
+    assert (info.arch, info.num_classes) == (arch, NUM_CLASSES)
+
+
+class Payload:
+    """Pickles to a call of os.system: what a malicious checkpoint carries."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": cheap_state_dict("resnet20"), "hook": Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_whole_module_needs_allow_pickle(tmp_path):
+    model = build_model("resnet20", NUM_CLASSES)
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        load_checkpoint(tmp_path / "whole.pt")
+    ckpt = load_checkpoint(tmp_path / "whole.pt", allow_pickle=True)
+    assert ckpt.pickled_module and infer_architecture(ckpt.state_dict).arch == "resnet20"
+
+
+def test_truncated_and_foreign_files(tmp_path):
+    torch.save(cheap_state_dict("resnet20"), tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "cut.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "text.pt")
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    torch.save(mlp.state_dict(), tmp_path / "mlp.pt")
+    with pytest.raises(ArchitectureError, match="no ResNet weights"):
+        load_checkpoint(tmp_path / "mlp.pt")
+
+
+def test_arch_flag_conflict_shows_both():
+    state = cheap_state_dict("resnet20")
+    with pytest.raises(ArchitectureError, match=r"--arch resnet56 conflicts .* resnet20"):
+        resolve_architecture(state, "resnet56")
+    assert resolve_architecture(state, "resnet20").arch == "resnet20"
+
+
+def test_damaged_checkpoint_maps_to_the_nearest_architecture():
+    state = {k: v for k, v in cheap_state_dict("resnet20").items() if not k.startswith("layer3.2.")}
+    assert infer_architecture(state).arch == "resnet20"  # so strict loading can name what is missing

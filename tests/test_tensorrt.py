@@ -1,0 +1,546 @@
+"""TensorRT: engines from the exported ONNX, checked against ONNX Runtime on the sample digits.
+
+The build and parity tests need the tensorrt package, cuda-python and an NVIDIA GPU; elsewhere they
+skip with the reason the toolkit itself gives. Without them, the error a user sees must be one
+clear line, for export and for opening an engine alike; those tests run on CPU machines.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toolkit.card import load_sidecar, sidecar_path
+from toolkit.errors import BackendUnavailableError, ModelFormatError, UsageError
+from toolkit.runtime import open_model
+from toolkit.runtime.tensorrt_runner import (
+    TensorRTEnvironment,
+    TensorRTRunner,
+    check_compatible,
+    tensorrt_environment,
+)
+
+
+def _environment_problem() -> str | None:
+    try:
+        tensorrt_environment("cuda")
+    except BackendUnavailableError as exc:
+        return str(exc)
+    return None
+
+
+PROBLEM = _environment_problem()
+
+
+def needs_tensorrt(test):
+    """gpu + tensorrt markers, skipped with the toolkit's own reason where either is missing."""
+    for mark in (pytest.mark.gpu, pytest.mark.tensorrt,
+                 pytest.mark.skipif(PROBLEM is not None, reason=f"no TensorRT here: {PROBLEM}")):
+        test = mark(test)
+    return test
+
+
+without_tensorrt = pytest.mark.skipif(PROBLEM is None, reason="TensorRT and a GPU are present")
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory, sample_model) -> dict[str, Path]:
+    """fp32 and fp16 ONNX of the sample model, through export.onnx as `toolkit export` makes them."""
+    from export.onnx import export as onnx_export
+    from toolkit.checkpoint import load_checkpoint
+    from toolkit.runtime.torch_runner import build_from_checkpoint
+
+    folder = tmp_path_factory.mktemp("trt_onnx")
+    model, card, _ = build_from_checkpoint(load_checkpoint(sample_model))
+    files = {"fp32": onnx_export(model, card, folder / "fp32.onnx", opset=17)}
+    if PROBLEM is None:  # fp16 is only needed where an engine can be built
+        files["fp16"] = onnx_export(model, card, folder / "fp16.onnx", opset=17, precision="fp16")
+    return files
+
+
+def _fake_engine(folder: Path, card, **facts) -> Path:
+    engine = folder / "model.engine"
+    engine.write_bytes(b"\x00not an engine")
+    card.replace(extra={"tensorrt": {"version": "10.9.0", "compute_capability": "9.0", "gpu": "NVIDIA H100",
+                                     **facts}}).save(sidecar_path(engine))
+    return engine
+
+
+# --- everywhere -------------------------------------------------------------------------------
+
+def test_modules_do_not_import_torch():
+    code = ("import sys, toolkit.runtime.tensorrt_runner, export.tensorrt, export.triton; "
+            "print(sorted(m for m in ('torch', 'tensorrt') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.replace("'", '"')) == []
+
+
+def test_engine_without_card_says_how_to_regenerate(tmp_path):
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"\x00")
+    with pytest.raises(ModelFormatError, match=r"model\.engine\.card\.json is missing.*--format tensorrt"):
+        TensorRTRunner.open(engine)
+
+
+def test_missing_engine_file(tmp_path):
+    with pytest.raises(ModelFormatError, match="not found"):
+        TensorRTRunner.open(tmp_path / "absent.engine")
+
+
+def test_mismatched_engine_asks_for_rebuild(sample_card, tmp_path):
+    card = load_sidecar(_fake_engine(tmp_path, sample_card))
+    here = TensorRTEnvironment(trt=None, cudart=None, version="10.9.0", device_index=0, gpu_name="NVIDIA L4",
+                               compute_capability="8.9")
+    expected = r"compute capability 9\.0 \(NVIDIA H100\).*NVIDIA L4.*rebuild"
+    with pytest.raises(ModelFormatError, match=expected):
+        check_compatible(card, here, tmp_path / "model.engine")
+    newer = TensorRTEnvironment(None, None, "11.1.0", 0, "NVIDIA H100", "9.0")
+    with pytest.raises(ModelFormatError, match=r"TensorRT 10\.9\.0.*TensorRT 11\.1\.0.*rebuild the engine"):
+        check_compatible(card, newer, tmp_path / "model.engine")
+    check_compatible(card, TensorRTEnvironment(None, None, "10.9.0", 0, "NVIDIA H100", "9.0"), tmp_path)
+
+
+@pytest.mark.parametrize("batches", [(0, 1, 8), (4, 2, 8), (1, 16, 8)])
+def test_bad_profile_is_a_usage_error(onnx_files, sample_card, tmp_path, batches):
+    from export.tensorrt import export
+
+    low, opt, high = batches
+    with pytest.raises(UsageError, match="min <= opt <= max"):
+        export(onnx_files["fp32"], tmp_path / "m.engine", sample_card, min_batch=low, opt_batch=opt,
+               max_batch=high)
+
+
+@without_tensorrt
+def test_export_without_tensorrt_is_one_clear_line(onnx_files, sample_card, tmp_path):
+    from export.tensorrt import export
+
+    with pytest.raises(BackendUnavailableError) as info:
+        export(onnx_files["fp32"], tmp_path / "m.engine", sample_card)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("TensorRT export needs ")
+    assert "NVIDIA GPU" in message and "pip install 'resnet-toolkit[tensorrt]'" in message
+    assert not any(tmp_path.iterdir())  # no engine, no sidecar, no temporary
+
+
+@without_tensorrt
+def test_runner_without_tensorrt_is_one_clear_line(sample_card, tmp_path):
+    engine = _fake_engine(tmp_path, sample_card)
+    for opener in (TensorRTRunner.open, open_model):
+        with pytest.raises(BackendUnavailableError) as info:
+            opener(engine)
+        assert "\n" not in str(info.value)
+        assert str(info.value).startswith("running a TensorRT engine needs ")
+        assert "NVIDIA GPU" in str(info.value)
+
+
+# --- on a GPU with TensorRT -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(onnx_files, sample_card, sample_test):
+    """ONNX Runtime (CPU) logits of the fp32 ONNX: the parity reference for the engines."""
+    batch = np.concatenate([b for b in sample_test.subset(101).batches(sample_card, 64)])
+    with open_model(onnx_files["fp32"], backend="onnxruntime", device="cpu") as runner:
+        return batch, runner(batch)
+
+
+@pytest.fixture(scope="module")
+def fp32_engine(onnx_files, sample_card, tmp_path_factory):
+    from export.tensorrt import export
+
+    folder = tmp_path_factory.mktemp("engines")
+    return export(onnx_files["fp32"], folder / "fp32.engine", sample_card, min_batch=1, opt_batch=16,
+                  max_batch=32, workspace_gb=1, timing_cache=folder / "timing.cache")
+
+
+@needs_tensorrt
+def test_fp32_engine_matches_onnxruntime(fp32_engine, reference):
+    batch, expected = reference
+    with open_model(fp32_engine, device="cuda") as runner:
+        assert isinstance(runner, TensorRTRunner)
+        assert runner.max_batch_size == 32  # 101 images run as 32+32+32+5 through the base Runner
+        got = runner(batch)
+        single = runner(batch[:1])
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    np.testing.assert_allclose(single, expected[:1], rtol=1e-3, atol=1e-3)
+
+
+@needs_tensorrt
+def test_sidecar_records_engine_facts(fp32_engine, onnx_files, sample_card):
+    card = load_sidecar(fp32_engine)
+    facts = card.extra["tensorrt"]
+    env = tensorrt_environment("cuda")
+    assert card.class_names == sample_card.class_names and card.input_size == sample_card.input_size
+    assert facts["version"] == env.version and facts["compute_capability"] == env.compute_capability
+    assert facts["gpu"] == env.gpu_name and facts["precision"] == "fp32" and facts["strongly_typed"]
+    assert facts["profile"] == {"min": 1, "opt": 16, "max": 32}
+    assert facts["input"]["shape"] == [-1, *sample_card.input_size]
+    # nothing glued in front: the file is exactly what TensorRT serialized
+    runtime = env.trt.Runtime(env.trt.Logger(env.trt.Logger.ERROR))
+    assert runtime.deserialize_cuda_engine(fp32_engine.read_bytes()) is not None
+    cache = fp32_engine.parent / "timing.cache"
+    assert cache.is_file() and cache.stat().st_size > 0
+
+
+@needs_tensorrt
+def test_fp16_engine_agrees_on_top1(onnx_files, reference, sample_card, tmp_path):
+    from export.tensorrt import export
+
+    engine = export(onnx_files["fp16"], tmp_path / "fp16.plan", sample_card, max_batch=64, workspace_gb=1,
+                    timing_cache=tmp_path / "timing.cache")
+    assert load_sidecar(engine).extra["tensorrt"]["precision"] == "fp16"
+    batch, expected = reference
+    with TensorRTRunner.open(engine) as runner:
+        assert runner.precision == "fp16"
+        got = runner(batch)
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.99
+    assert np.abs(got - expected).max() < 0.1
+
+
+@needs_tensorrt
+def test_profile_min_above_batch_is_padded(onnx_files, reference, sample_card, tmp_path):
+    from export.tensorrt import export
+
+    engine = export(onnx_files["fp32"], tmp_path / "min4.engine", sample_card, min_batch=4, max_batch=8,
+                    workspace_gb=1)
+    batch, expected = reference
+    with TensorRTRunner.open(engine) as runner:
+        got = runner(batch[:3])  # below the profile's min: padded to 4, 3 returned
+    assert got.shape == (3, sample_card.num_classes)
+    np.testing.assert_allclose(got, expected[:3], rtol=1e-3, atol=1e-3)
+
+
+@needs_tensorrt
+def test_foreign_or_corrupt_engine_asks_for_rebuild(fp32_engine, sample_card, tmp_path):
+    card = load_sidecar(fp32_engine)
+    foreign = tmp_path / "foreign.engine"
+    foreign.write_bytes(fp32_engine.read_bytes())
+    facts = {**card.extra["tensorrt"], "version": "9.9.9"}
+    card.replace(extra={"tensorrt": facts}).save(sidecar_path(foreign))
+    with pytest.raises(ModelFormatError, match="rebuild the engine on this GPU/TensorRT"):
+        TensorRTRunner.open(foreign)
+    corrupt = tmp_path / "corrupt.engine"
+    corrupt.write_bytes(fp32_engine.read_bytes()[: 1000])
+    card.save(sidecar_path(corrupt))
+    with pytest.raises(ModelFormatError, match="could not deserialize.*rebuild"):
+        TensorRTRunner.open(corrupt)
+
+
+@needs_tensorrt
+def test_triton_plan_repository_runs(fp32_engine, reference, sample_card, tmp_path):
+    from export import triton
+
+    model_dir = triton.export(fp32_engine, tmp_path / "repo", sample_card, name="digits_trt",
+                              max_batch_size=32)
+    batch, expected = reference
+    with open_model(model_dir, device="cuda") as runner:
+        assert isinstance(runner, TensorRTRunner)
+        np.testing.assert_allclose(runner(batch), expected, rtol=1e-3, atol=1e-3)
+
+
+# --- everywhere: the same plumbing against a simulated TensorRT -------------------------------
+# A stand-in for the tensorrt module and cuda-python that follows their documented signatures
+# (TensorRT 10 name-based I/O, cudart's `(err, value)` tuples). "Device" memory is host memory and
+# an "engine" runs the ONNX on ONNX Runtime, so the export -> sidecar -> runner -> Triton path,
+# buffer reuse, profile padding and chunking are exercised on machines without a GPU. It cannot
+# prove the real API matches; the GPU tests above do that.
+
+class _FakeCudart:
+    class cudaMemcpyKind:  # noqa: N801 - cudart's spelling
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self):
+        self.buffers: dict[int, object] = {}
+
+    def _alloc(self, nbytes):
+        import ctypes
+
+        buffer = (ctypes.c_ubyte * nbytes)()
+        self.buffers[ctypes.addressof(buffer)] = buffer
+        return 0, ctypes.addressof(buffer)
+
+    def cudaGetDeviceCount(self):
+        return 0, 1
+
+    def cudaGetErrorString(self, err):
+        return 0, b"simulated CUDA error"
+
+    def cudaGetDeviceProperties(self, index):
+        from types import SimpleNamespace
+
+        return 0, SimpleNamespace(name=b"Simulated GPU\0\0", major=9, minor=0)
+
+    def cudaSetDevice(self, index):
+        return (0,)
+
+    def cudaStreamCreate(self):
+        return 0, 7
+
+    cudaMalloc = cudaMallocHost = _alloc
+
+    def cudaFree(self, ptr):
+        self.buffers.pop(ptr)
+        return (0,)
+
+    cudaFreeHost = cudaFree
+
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
+        import ctypes
+
+        assert stream == 7 and dst in self.buffers or src in self.buffers
+        ctypes.memmove(dst, src, count)
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):
+        return (0,)
+
+    cudaStreamDestroy = cudaStreamSynchronize
+
+
+def _fake_tensorrt(version: str = "10.9.0"):
+    """The subset of the tensorrt module that export.tensorrt and TensorRTRunner use."""
+    import ctypes
+    from types import SimpleNamespace
+
+    import onnx
+    import onnxruntime as ort
+
+    trt = SimpleNamespace(__version__=version, built=[])
+    trt.Logger = type("Logger", (), {"WARNING": 2, "ERROR": 1, "__init__": lambda self, level=2: None})
+    trt.TensorIOMode = SimpleNamespace(INPUT="input", OUTPUT="output")
+    trt.MemoryPoolType = SimpleNamespace(WORKSPACE="workspace")
+    trt.BuilderFlag = SimpleNamespace(TF32="tf32")
+    trt.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=0)
+    trt.nptype = lambda dtype: np.float32
+
+    def tensor(value):
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
+        return SimpleNamespace(name=value.name, shape=dims, dtype="float")
+
+    class Network:
+        def __init__(self, flags):
+            trt.built.append({"network_flags": flags})
+            self.num_inputs = self.num_outputs = 0
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+        def get_output(self, i):
+            return self.outputs[i]
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            self.network = network
+
+        def parse_from_file(self, path):
+            model = onnx.load(path)
+            self.network.onnx = model.SerializeToString()
+            self.network.inputs = [tensor(model.graph.input[0])]
+            self.network.outputs = [tensor(model.graph.output[0])]
+            self.network.num_inputs = self.network.num_outputs = 1
+            return True
+
+    class Cache:
+        def __init__(self, data):
+            self.data = data or b"timings"
+
+        def serialize(self):
+            return self.data
+
+    class Config:
+        def __init__(self):
+            self.settings = {"flags_cleared": []}
+
+        def set_memory_pool_limit(self, pool, size):
+            self.settings[pool] = size
+
+        def clear_flag(self, flag):
+            self.settings["flags_cleared"].append(flag)
+
+        def add_optimization_profile(self, profile):
+            self.settings["profile"] = profile.shapes
+            return 0
+
+        def create_timing_cache(self, data):
+            return Cache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        create_network = staticmethod(Network)
+        create_builder_config = staticmethod(Config)
+
+        def create_optimization_profile(self):
+            profile = SimpleNamespace(shapes={})
+            profile.set_shape = lambda name, low, opt, high: profile.shapes.update({name: (low, opt, high)})
+            return profile
+
+        def build_serialized_network(self, network, config):
+            trt.built[-1].update(config.settings)
+            name = network.inputs[0].name
+            header = json.dumps({"profile": config.settings["profile"][name], "input": name,
+                                 "output": network.outputs[0].name}).encode()
+            return header + b"\n" + network.onnx  # a simulated plan; real ones are opaque bytes
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.addresses, self.shape = engine, {}, None
+
+        def set_tensor_address(self, name, ptr):
+            self.addresses[name] = ptr
+            return True
+
+        def set_input_shape(self, name, shape):
+            low, _, high = self.engine.profile
+            self.shape = shape
+            return low[0] <= shape[0] <= high[0]
+
+        def get_tensor_shape(self, name):
+            return (self.shape[0], self.engine.classes)
+
+        def execute_async_v3(self, stream_handle):
+            assert isinstance(stream_handle, int)
+            count = int(np.prod(self.shape))
+            raw = (ctypes.c_float * count).from_address(self.addresses[self.engine.input])
+            batch = np.frombuffer(raw, np.float32).reshape(self.shape).copy()
+            logits = self.engine.session.run(None, {self.engine.input: batch})[0].astype(np.float32)
+            ctypes.memmove(self.addresses[self.engine.output], logits.ctypes.data, logits.nbytes)
+            self.engine.calls.append(len(batch))
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+
+        def __init__(self, data):
+            header, model = data.split(b"\n", 1)
+            meta = json.loads(header)
+            self.profile, self.input, self.output = meta["profile"], meta["input"], meta["output"]
+            self.session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+            self.classes = self.session.get_outputs()[0].shape[-1]
+            self.calls = []
+            trt.engines.append(self)
+
+        def get_tensor_name(self, i):
+            return (self.input, self.output)[i]
+
+        def get_tensor_mode(self, name):
+            return "input" if name == self.input else "output"
+
+        def get_tensor_dtype(self, name):
+            return "float"
+
+        def get_tensor_shape(self, name):
+            return (-1, *self.profile[0][1:]) if name == self.input else (-1, self.classes)
+
+        def get_tensor_profile_shape(self, name, index):
+            return self.profile
+
+        def create_execution_context(self):
+            return Context(self)
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            try:
+                return Engine(bytes(data))
+            except Exception:  # noqa: BLE001 - TensorRT returns None for bytes it cannot read
+                return None
+
+    trt.Builder, trt.OnnxParser, trt.Runtime, trt.engines = Builder, OnnxParser, Runtime, []
+    return trt
+
+
+@pytest.fixture
+def simulated_tensorrt(monkeypatch):
+    from toolkit.runtime import tensorrt_runner
+
+    trt, cudart = _fake_tensorrt(), _FakeCudart()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(tensorrt_runner, "import_cudart", lambda: cudart)
+    return trt, cudart
+
+
+def test_simulated_build_run_and_triton(simulated_tensorrt, onnx_files, sample_card, sample_test, tmp_path):
+    from export import triton
+    from export.tensorrt import export
+
+    trt, cudart = simulated_tensorrt
+    cache = tmp_path / "timing.cache"
+    engine = export(onnx_files["fp32"], tmp_path / "m.engine", sample_card, min_batch=2, opt_batch=8,
+                    max_batch=16, workspace_gb=0.5, timing_cache=cache)
+    built = trt.built[-1]
+    assert built["network_flags"] == 1  # strongly typed on TensorRT 10
+    assert built["workspace"] == 1 << 29 and built["flags_cleared"] == ["tf32"]
+    assert cache.read_bytes() == b"timings"
+    facts = load_sidecar(engine).extra["tensorrt"]
+    assert facts["gpu"] == "Simulated GPU" and facts["compute_capability"] == "9.0"
+    assert facts["profile"] == {"min": 2, "opt": 8, "max": 16} and facts["precision"] == "fp32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.card.json", "timing.cache"]
+
+    batch = np.concatenate(list(sample_test.subset(37).batches(sample_card, 37)))
+    with open_model(onnx_files["fp32"]) as source:
+        expected = source(batch)
+    with open_model(engine, device="cuda") as runner:
+        assert isinstance(runner, TensorRTRunner) and runner.max_batch_size == 16
+        np.testing.assert_allclose(runner(batch), expected, atol=1e-5)
+        np.testing.assert_allclose(runner(batch[:1]), expected[:1], atol=1e-5)  # padded to the profile's min
+        assert trt.engines[-1].calls == [16, 16, 5, 2]
+        assert runner.describe()["gpu"] == "Simulated GPU"
+    assert not cudart.buffers  # close() freed device and pinned memory
+
+    model_dir = triton.export(engine, tmp_path / "repo", sample_card, name="digits_trt", max_batch_size=16)
+    with open_model(model_dir) as runner:
+        np.testing.assert_allclose(runner(batch), expected, atol=1e-5)
+
+
+def test_simulated_version_mismatch_and_corrupt_engine(simulated_tensorrt, onnx_files, sample_card, tmp_path,
+                                                       monkeypatch):
+    from export.tensorrt import export
+
+    engine = export(onnx_files["fp32"], tmp_path / "m.plan", sample_card, max_batch=4)
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("11.0.0"))
+    expected = r"built with TensorRT 10\.9\.0.*this machine has TensorRT 11\.0\.0"
+    with pytest.raises(ModelFormatError, match=expected):
+        open_model(engine)
+    monkeypatch.setitem(sys.modules, "tensorrt", simulated_tensorrt[0])
+    engine.write_bytes(b"garbage")
+    with pytest.raises(ModelFormatError, match="could not deserialize"):
+        TensorRTRunner.open(engine)
+    monkeypatch.setitem(sys.modules, "tensorrt", _module_with_version("8.6.1"))
+    with pytest.raises(BackendUnavailableError, match=r"TensorRT >= 10 \(found 8\.6\.1\)"):
+        TensorRTRunner.open(engine)
+
+
+def _module_with_version(version):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(__version__=version)
+
+
+def test_simulated_tensorrt_11_needs_no_typing_flag(simulated_tensorrt, onnx_files, sample_card, tmp_path,
+                                                    monkeypatch):
+    from export.tensorrt import export
+
+    trt11 = _fake_tensorrt("11.2.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt11)
+    engine = export(onnx_files["fp32"], tmp_path / "m.engine", sample_card, max_batch=4)
+    assert trt11.built[-1]["network_flags"] == 0  # strongly typed is the only mode in TensorRT 11
+    assert load_sidecar(engine).extra["tensorrt"]["version"] == "11.2.0"
