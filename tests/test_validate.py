@@ -151,7 +151,7 @@ def test_arch_conflict_and_unknown_arch(sample_model):
 
 def test_missing_file_and_usage_errors(tmp_path, sample_model):
     result = invoke("-m", str(tmp_path / "nope.pt"))
-    assert result.exit_code == 1 and "not found" in result.stdout
+    assert result.exit_code == 1 and "model not found" in result.stderr
     result = invoke("-m", str(sample_model), "--min-accuracy", "0.9")
     assert result.exit_code == 2 and "--dataset" in result.stderr
 

@@ -94,9 +94,8 @@ def _load_torch(path: Path, allow_pickle: bool) -> Any:
     except pickle.UnpicklingError as exc:
         if allow_pickle:
             raise CheckpointError(f"{path}: cannot unpickle: {exc}") from None
-        first_line = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else ""
         raise CheckpointError(
-            f"{path} carries pickled code or objects that a safe load refuses ({first_line}); "
+            f"{path} carries pickled code or objects that a safe load refuses ({_unsafe_globals(path)}); "
             "nothing was executed. If you trust its source, rerun with --allow-pickle"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, ImportError, AttributeError) as exc:
@@ -104,6 +103,17 @@ def _load_torch(path: Path, allow_pickle: bool) -> Any:
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {reason}"
         ) from None
+
+
+def _unsafe_globals(path: Path) -> str:
+    """Name what the pickle wants to import (read without executing it), for the refusal message."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    try:
+        names = get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - only used to enrich a message
+        return "unknown objects"
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "") if names else "unknown objects"
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, Any], ModelCard | None]:

@@ -155,7 +155,12 @@ def validate(
     from .card import sidecar_path
     from .validate import validate_checkpoint
 
+    from .runtime.registry import detect_format
+
     path = resolve_model(model)
+    if detect_format(path) != "checkpoint":
+        raise UsageError(f"validate checks training checkpoints (.pt .pth .ckpt .safetensors); {path} is an "
+                         "exported artifact: use `toolkit info` or `toolkit eval` on it")
     if min_accuracy is not None and min_accuracy > 1:
         min_accuracy /= 100.0
     if min_accuracy is not None and dataset is None:
