@@ -38,3 +38,13 @@ def sample_onnx_fp32(tmp_path_factory, sample_model):
 
     model, card, _ = build_from_checkpoint(load_checkpoint(sample_model))
     return export(model, card, tmp_path_factory.mktemp("sample_onnx") / "sample.onnx")
+
+
+@pytest.fixture(scope="session")
+def sample_onnx_int8(tmp_path_factory, sample_onnx_fp32, sample_card):
+    """Q/DQ int8 of the sample model (u8 activations, s8 per-channel weights), calibrated on the sample train split."""
+    from export.quantize import quantize
+    from toolkit.data import load_sample
+
+    return quantize(sample_onnx_fp32, sample_card, tmp_path_factory.mktemp("sample_int8") / "sample.int8.onnx",
+                    load_sample("train"), calib_size=256)

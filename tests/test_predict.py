@@ -66,12 +66,12 @@ def test_formats(runner, digits, tmp_path, fmt):
 
 def _16bit(image: Image.Image) -> Image.Image:
     wide = np.asarray(image.convert("L"), dtype=np.uint16) * 257
-    return Image.fromarray(wide.astype("<u2"), "I;16")
+    return Image.fromarray(wide.astype("<u2"))  # Pillow picks I;16 for uint16
 
 
 MODES = {
     "L": lambda im: im.convert("L"),
-    "P": lambda im: im.convert("P"),
+    "P": lambda im: im.convert("P", palette=Image.Palette.ADAPTIVE, colors=256),
     "RGBA": lambda im: im.convert("RGBA"),
     "LA": lambda im: im.convert("LA"),
     "I;16": _16bit,

@@ -162,18 +162,20 @@ def test_predict_multipart_and_raw_body_match_offline_predict(base, runner, digi
     assert len(raw.json()["predictions"][0]["top"]) == 5
 
 
+@pytest.mark.slow
 def test_many_concurrent_distinct_images_each_get_their_own_answer(base, runner, sample_test):
-    images = sample_test.images[:96]
+    images = sample_test.images[:64]
     expected = softmax(runner(preprocess(images, runner.card)))
     bodies = [png_bytes(image) for image in images]
+    client = httpx.Client(timeout=30, limits=httpx.Limits(max_connections=16))
 
     def ask(i: int) -> list[float]:
-        response = httpx.post(f"{base}/predict?top_k=10", content=bodies[i], timeout=30)
+        response = client.post(f"{base}/predict?top_k=10", content=bodies[i])
         assert response.status_code == 200, response.text
         top = response.json()["predictions"][0]["top"]
         return [p for _, p in sorted((t["index"], t["probability"]) for t in top)]
 
-    with ThreadPoolExecutor(max_workers=24) as pool:
+    with client, ThreadPoolExecutor(max_workers=16) as pool:
         answers = list(pool.map(ask, range(len(images))))
     np.testing.assert_allclose(np.array(answers), expected, atol=1e-5)
 
@@ -292,12 +294,17 @@ def test_api_key(runner, digits):
         assert httpx.get(f"{base}/metrics", headers={"X-API-Key": "s3cret"}).status_code == 200
 
 
+@pytest.mark.slow
 def test_not_ready_until_warm_then_queue_full_503_and_timeout_504(runner, digits):
     body = png_bytes(digits[0][0])
-    slow = SlowRunner(runner, 0.4)
-    with running_server(slow, wait_ready=False, max_queue=2, timeout_s=1.5, max_batch_size=1) as (base, _):
-        assert httpx.get(f"{base}/v2/health/ready").status_code == 503  # warm-up takes 0.4 s
+    slow = SlowRunner(runner, 0.3)
+    slow.gate.clear()  # warm-up blocks until the gate opens
+    with running_server(slow, wait_ready=False, max_queue=2, timeout_s=1.2, max_batch_size=1) as (base, _):
+        assert httpx.get(f"{base}/v2/health/ready").status_code == 503
+        assert httpx.get(f"{base}/v2/models/{MODEL}/ready").status_code == 503
         assert httpx.post(f"{base}/predict", content=body).status_code == 503
+        assert httpx.post(f"{base}/v2/repository/index").json()[0]["state"] == "LOADING"
+        slow.gate.set()
         wait_for(f"{base}/v2/health/ready")
 
         def ask(_: int) -> httpx.Response:
@@ -306,14 +313,13 @@ def test_not_ready_until_warm_then_queue_full_503_and_timeout_504(runner, digits
         with ThreadPoolExecutor(max_workers=8) as pool:
             statuses = [r.status_code for r in pool.map(ask, range(8))]
             full = [r for r in pool.map(ask, range(8)) if r.status_code == 503]
-        # one runs, two wait; the rest are refused at once; those waiting > 1.5 s time out
+        # one runs, two wait; the rest are refused at once; those waiting > 1.2 s time out
         assert statuses.count(200) >= 2 and statuses.count(503) >= 3, statuses
         assert full and full[0].headers["Retry-After"] == "1" and "--max-queue" in full[0].json()["error"]
         assert set(statuses) <= {200, 503, 504}
 
-    slow.delay_s = 1.0
-    with running_server(slow, wait_ready=True, timeout_s=0.3, max_batch_size=1) as (base, _):
-        slow.delay_s = 1.0
+    slow.delay_s = 0.6
+    with running_server(slow, wait_ready=True, timeout_s=0.2, max_batch_size=1) as (base, _):
         response = httpx.post(f"{base}/predict", content=body, timeout=30)
         assert response.status_code == 504 and "--timeout-s" in response.json()["error"]
         assert httpx.get(f"{base}/v2/health/live").status_code == 200

@@ -60,8 +60,11 @@ class SlowRunner(Runner):
         super().__init__(inner.card, source=inner.source, device=inner.device)
         self.backend = inner.backend
         self.inner, self.delay_s = inner, delay_s
+        self.gate = threading.Event()  # cleared: calls wait until the test opens it
+        self.gate.set()
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
+        self.gate.wait(30)
         time.sleep(self.delay_s)
         return self.inner(batch)
 

@@ -544,3 +544,37 @@ def test_simulated_tensorrt_11_needs_no_typing_flag(simulated_tensorrt, onnx_fil
     engine = export(onnx_files["fp32"], tmp_path / "m.engine", sample_card, max_batch=4)
     assert trt11.built[-1]["network_flags"] == 0  # strongly typed is the only mode in TensorRT 11
     assert load_sidecar(engine).extra["tensorrt"]["version"] == "11.2.0"
+
+
+@without_tensorrt
+def test_cli_tensorrt_export_without_tensorrt(sample_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from toolkit.cli import app
+
+    result = CliRunner().invoke(app, ["export", "-m", str(sample_model), "--format", "tensorrt",
+                                      "-o", str(tmp_path / "m.engine")])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "TensorRT export needs" in lines[0] and "NVIDIA GPU" in lines[0]
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_simulated_pipeline_formats(simulated_tensorrt, sample_model, sample_card, tmp_path):
+    """`--format tensorrt` and `--format triton` (plan) through run_export, verified against PyTorch."""
+    from export.pipeline import run_export
+
+    engine = run_export(sample_model, "tensorrt", tmp_path / "m.engine", opset=17, verify_samples=64,
+                        max_batch=16)
+    assert engine.ok, engine.verify.failures
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.card.json"]
+    assert load_sidecar(tmp_path / "m.engine").extra["tensorrt"]["profile"]["max"] == 16
+    repo = run_export(sample_model, "triton", tmp_path / "repo", opset=17, verify_samples=64,
+                      model_format="tensorrt", max_batch=8, name="digits_trt")
+    assert repo.ok, repo.verify.failures
+    assert (tmp_path / "repo" / "digits_trt" / "1" / "model.plan").is_file()
+    config = (tmp_path / "repo" / "digits_trt" / "config.pbtxt").read_text("utf-8")
+    assert 'platform: "tensorrt_plan"' in config and "max_batch_size: 8" in config and "KIND_GPU" in config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.card.json", "repo"]

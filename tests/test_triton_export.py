@@ -203,3 +203,43 @@ def test_not_a_model_file(sample_card, tmp_path):
     with pytest.raises(ModelFormatError):
         triton.export(corrupt, tmp_path / "repo", sample_card, name="x")
     shutil.rmtree(tmp_path / "repo", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_cli_export_triton_end_to_end(sample_model, sample_card, tmp_path):
+    """`toolkit export --format triton -o repo/`: verified against PyTorch, other models kept."""
+    from typer.testing import CliRunner
+
+    from export.pipeline import run_export
+    from toolkit.cli import app
+
+    repo = tmp_path / "repo"
+    first = run_export(sample_model, "triton", repo, opset=17, name="digits_fp16", precision="fp16",
+                       verify_samples=64)
+    assert first.ok and (repo / "digits_fp16" / "1" / "model.onnx").is_file()
+    result = CliRunner().invoke(app, ["export", "-m", str(sample_model), "--format", "triton",
+                                      "-o", str(repo), "--opset", "17", "--verify-samples", "64"])
+    assert result.exit_code == 0, result.output
+    assert "verify passed" in result.output
+    assert sorted(p.name for p in repo.iterdir()) == ["digits_fp16", "resnet20_digits"]  # both models served
+    config = _parse_config(repo / "resnet20_digits")
+    assert config.max_batch_size == 32 and config.output[0].label_filename == "labels.txt"
+    labels = (repo / "resnet20_digits" / "labels.txt").read_text("utf-8").split()
+    assert labels == list(sample_card.class_names)
+    with open_model(repo / "digits_fp16") as runner:
+        assert runner.precision == "fp16"
+    assert not [p for p in tmp_path.iterdir() if p.name != "repo"]  # no staging or temporary ONNX left
+
+
+def test_external_data_travels_with_the_model(onnx_file, sample_card, sample_test, tmp_path):
+    """Models over 2 GB keep weights beside the .onnx; the repository must carry those files."""
+    proto = onnx.load(str(onnx_file))
+    big = tmp_path / "src" / "big.onnx"
+    big.parent.mkdir()
+    onnx.save_model(proto, str(big), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="big.onnx.data", size_threshold=1024)
+    model_dir = triton.export(big, tmp_path / "repo", sample_card, name="big")
+    assert (model_dir / "1" / "big.onnx.data").is_file()
+    batch = next(sample_test.batches(sample_card, 8))
+    with open_model(onnx_file) as source, open_model(model_dir) as copied:
+        np.testing.assert_allclose(copied(batch), source(batch), atol=1e-6)

@@ -387,6 +387,128 @@ def serve_command(
         serve(runner, config)
 
 
+# --- export and info ------------------------------------------------------------------------------
+
+class ExportFormat(str, Enum):
+    torchscript = "torchscript"
+    onnx = "onnx"
+    tensorrt = "tensorrt"
+    triton = "triton"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class CalibMethod(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+@app.command()
+@handles_errors
+def export(
+    model: ModelOpt = None,
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="Artifact to write.")] = ExportFormat.onnx,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Destination. Default: beside the "
+                                                  "checkpoint (model.pt -> model.onnx, model.int8.onnx, model.ts).")] = None,
+    precision: Annotated[Precision, typer.Option(help="fp16/int8 live in the ONNX itself (also the TensorRT path).")]
+    = Precision.fp32,
+    opset: Annotated[int, typer.Option(help="ONNX opset (18+ uses the dynamo exporter, older the legacy one).")] = 18,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size of a --static export.")] = 1,
+    dynamic: Annotated[bool, typer.Option("--dynamic/--static", help="Dynamic batch axis, or fixed --batch-size.")]
+    = True,
+    calib_dataset: Annotated[Optional[DatasetName], typer.Option(help="Images for int8 calibration (train split "
+                                                                 "when there is one) and for verification.")] = None,
+    data_dir: DataDirOpt = None,
+    calib_size: Annotated[int, typer.Option(min=1, help="Calibration images (class-balanced, seeded).")] = 512,
+    calib_method: Annotated[CalibMethod, typer.Option(help="int8 range estimation.")] = CalibMethod.minmax,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check the artifact against eager PyTorch.")]
+    = True,
+    verify_samples: Annotated[int, typer.Option(min=1, help="Images used by the parity check.")] = 512,
+    atol: Annotated[float, typer.Option(min=0, help="fp32: allowed |diff| on logits (plus rtol * |ref|).")] = 1e-4,
+    rtol: Annotated[float, typer.Option(min=0, help="fp32: relative part of the logits tolerance.")] = 1e-3,
+    min_agreement: Annotated[float, typer.Option(min=0, max=1, help="fp16/int8: least top-1 agreement.")] = 0.99,
+    max_accuracy_drop: Annotated[float, typer.Option(min=0, help="fp16/int8: most accuracy lost (0-1).")] = 0.01,
+    device: Annotated[str, typer.Option(help="cpu or cuda (TensorRT needs cuda).")] = "cpu",
+    arch: ArchOpt = "auto",
+    allow_pickle: AllowPickleOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a checkpoint to TorchScript, ONNX (fp32/fp16/int8), TensorRT or a Triton repository, verified."""
+    from export.pipeline import run_export
+    from export.verify import Tolerances
+
+    if calib_dataset is DatasetName.folder and data_dir is None:
+        raise UsageError("--calib-dataset folder needs --data-dir pointing at class-per-subfolder images")
+    result = run_export(
+        resolve_model(model), format.value, output, precision=precision.value, opset=opset, batch_size=batch_size,
+        dynamic=dynamic, calib_dataset=calib_dataset.value if calib_dataset else None, data_dir=data_dir,
+        calib_size=calib_size, calib_method=calib_method.value, do_verify=verify, verify_samples=verify_samples,
+        tolerances=Tolerances(atol=atol, rtol=rtol, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop),
+        device=device, arch=None if arch == "auto" else arch, allow_pickle=allow_pickle,
+    )
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        from rich.markup import escape
+
+        out = console()
+        size = result.size_bytes / 1e6
+        out.print(f"[bold]{result.format}[/] {result.precision} -> {escape(str(result.path))} "
+                  f"({size:.2f} MB, {result.seconds:.1f} s)")
+        if result.verify is not None:
+            style = "green" if result.verify.passed else "bold red"
+            out.print(f"[{style}]verify {escape(result.verify.summary())}[/]")
+        else:
+            out.print("[yellow]not verified (--no-verify)[/]")
+    if not result.ok:
+        reasons = "; ".join(result.verify.failures) if result.verify else ""
+        raise fail(f"verification failed ({reasons}); the artifact was kept aside as {result.path}", 1)
+
+
+@app.command()
+@handles_errors
+def info(model: ModelOpt = None, as_json: JsonOpt = False) -> None:
+    """Print the card and the facts of any model file: format, precision, shapes, opset/TensorRT version, size."""
+    from .artifact_info import describe_artifact
+
+    facts = describe_artifact(resolve_model(model))
+    if as_json:
+        print_json(facts)
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="dim")
+    table.add_column()
+    card = facts.get("card") or {}
+    names = card.get("class_names", [])
+
+    def shapes(key: str) -> str:
+        return ", ".join(f"{t['name']} {t['shape']} {t['dtype']}" for t in facts.get(key, []))
+
+    rows = [
+        ("path", facts.get("path")), ("format", facts.get("format")), ("precision", facts.get("precision")),
+        ("architecture", card.get("arch")), ("inputs", shapes("inputs")), ("outputs", shapes("outputs")),
+        ("opset", facts.get("opset")), ("TensorRT", facts.get("tensorrt_version")), ("GPU", facts.get("gpu")),
+        ("producer", facts.get("producer")), ("calibration", facts.get("calibration")),
+        ("classes", f"{len(names)}: " + ", ".join(names[:10]) + (" …" if len(names) > 10 else "") if names else None),
+        ("preprocess", f"resize {card.get('resize_size')} ({card.get('interpolation')}), crop {card.get('input_size')}, "
+                       f"mean {card.get('mean')}, std {card.get('std')}" if card else None),
+        ("source sha256", (card.get("source_sha256") or "")[:16] or None),
+        ("size", f"{facts['size_bytes'] / 1e6:.2f} MB" if "size_bytes" in facts else None),
+    ]
+    for label, value in rows:
+        if value not in (None, ""):
+            table.add_row(label, escape(str(value)))
+    console().print(table)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -309,3 +309,42 @@ def write_eval_outputs(report: EvalReport, output_dir: str | Path) -> dict[str, 
         images["per-class F1"] = written["per_class_f1_png"] = f1_png
     written["html"] = atomic_write_text(out / "report.html", eval_html(data, images))
     return written
+
+
+# --- benchmark ------------------------------------------------------------------------------------
+
+def render_benchmark(result: dict[str, Any], console: Any) -> None:
+    """One row per format x precision: status, size, accuracy, macro-F1, agreement, latency, speed."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    console.print(f"[bold]{escape(result['model'])}[/] on [bold]{escape(result['dataset'])}[/] "
+                  f"[dim]({result['num_samples']} images, {result['device']}, batch sizes "
+                  f"{', '.join(map(str, result['batch_sizes']))})[/]")
+    table = Table(show_edge=False, header_style="bold")
+    for name, justify in (("format", "left"), ("status", "left"), ("size", "right"), ("accuracy", "right"),
+                          ("macro-F1", "right"), ("agree", "right"), ("p50 ms", "right"), ("p99 ms", "right"),
+                          ("img/s", "right"), ("batch", "right"), ("speed-up", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+
+    def num(value: Any, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for row in result["rows"]:
+        status = {"ok": "[green]ok[/]", "skipped": "[dim]skipped[/]"}.get(row["status"], f"[red]{row['status']}[/]")
+        size = row.get("size_bytes")
+        table.add_row(
+            escape(row["name"]), status, "-" if size is None else f"{size / 1e6:.2f}M",
+            _pct(row.get("accuracy")), num(row.get("macro_f1"), ".4f"), _pct(row.get("agreement")),
+            num(row.get("latency_ms_p50"), ".2f"), num(row.get("latency_ms_p99"), ".2f"),
+            num(row.get("throughput"), ",.0f"), num(row.get("best_batch_size"), "d"),
+            "-" if row.get("speedup") is None else f"{row['speedup']:.2f}x",
+        )
+    if not console.is_terminal and console.width < 140:  # logs and pipes: do not squeeze 11 columns into 80
+        console.width = 140
+    console.print(table)
+    for row in result["rows"]:
+        if row.get("error"):
+            console.print(f"[red]{escape(row['name'])}[/]: {escape(row['error'])}")
+    for path in result.get("files", []):
+        console.print(f"wrote {escape(path)}")

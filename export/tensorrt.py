@@ -1,0 +1,215 @@
+"""ONNX -> TensorRT engine (TensorRT 10 and 11), with its card in a sidecar `<engine>.card.json`.
+
+Precision travels in the ONNX, never in builder flags: fp32, fp16 (fp16 weights and activations,
+fp32 I/O) or int8 as Q/DQ nodes. The network is created strongly typed, so TensorRT keeps exactly
+the types the ONNX declares. This is the only path TensorRT 11 offers (it removed the FP16/INT8
+builder flags and calibrators), and on TensorRT 10 a strongly typed network rejects those flags
+anyway, so we never set them: one behaviour on both versions, and the engine's precision is the
+one that was verified on the ONNX. TF32 is off by default so an fp32 engine agrees with PyTorch to
+~1e-4 (pass `tf32=True` to trade that for speed).
+
+Needs the tensorrt package, cuda-python and an NVIDIA GPU; without them a one-line
+BackendUnavailableError says what is missing. The engine is written atomically, and nothing is
+glued in front of it, so trtexec, Polygraphy and Triton load it as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from toolkit.card import ModelCard, sidecar_path
+from toolkit.errors import ExportError, ModelFormatError, UsageError
+from toolkit.fileio import atomic_path, atomic_write_bytes
+from toolkit.runtime.metadata import ONNX_PRECISION_KEY, PRECISIONS, first_line, onnx_props
+from toolkit.runtime.base import Runner
+from toolkit.runtime.tensorrt_runner import TensorRTEnvironment, tensorrt_environment, trt_logger
+
+from .pipeline import ExportJob, FormatSpec, build_onnx
+
+ENGINE_SUFFIXES = (".engine", ".plan")
+
+
+def onnx_precision(onnx_path: Path) -> str:
+    """fp32 | fp16 | int8 of an ONNX file: its `toolkit.precision` metadata, else read from the graph."""
+    import onnx
+
+    declared = onnx_props(onnx_path).get(ONNX_PRECISION_KEY)
+    if declared in PRECISIONS:
+        return declared
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    if any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node):
+        return "int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def _dtype_name(trt: Any, dtype: Any) -> str:
+    """numpy's name for a TensorRT data type ("float32", "float16"), as the sidecar records it."""
+    import numpy as np
+
+    return np.dtype(trt.nptype(dtype)).name
+
+
+def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise UsageError(f"the optimisation profile needs 1 <= min <= opt <= max batch, got "
+                         f"min={min_batch} opt={opt_batch} max={max_batch}")
+
+
+def _build_config(env: TensorRTEnvironment, builder: Any, workspace_gb: float, tf32: bool) -> Any:
+    trt = env.trt
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    return config
+
+
+def _parse(env: TensorRTEnvironment, builder: Any, onnx_path: Path) -> tuple[Any, Any]:
+    """A strongly typed network from the ONNX file (parse_from_file also finds external data)."""
+    trt = env.trt
+    flags = 0
+    if env.major < 11:  # TensorRT 11 is always strongly typed; the flag is deprecated there
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, trt_logger(trt))
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)).strip() for i in range(min(parser.num_errors, 3)))
+        raise ExportError(f"TensorRT {env.version} cannot parse {onnx_path.name}: "
+                          f"{errors or 'unknown error'}")
+    return network, parser
+
+
+def _load_timing_cache(env: TensorRTEnvironment, config: Any, timing_cache: Path | None) -> Any:
+    """Reuse tactic timings across builds; a cache from another GPU/TensorRT is replaced, not trusted."""
+    data = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if not config.set_timing_cache(cache, False):
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+    return cache
+
+
+def export(
+    onnx_path: str | Path,
+    output: str | Path,
+    card: ModelCard,
+    *,
+    min_batch: int = 1,
+    opt_batch: int | None = None,
+    max_batch: int = 32,
+    workspace_gb: float = 4.0,
+    timing_cache: str | Path | None = None,
+    precision: str | None = None,
+    tf32: bool = False,
+    device: str = "cuda",
+) -> Path:
+    """Build `output` (.engine or .plan) from an ONNX file and write `output.card.json` beside it.
+
+    `precision` names the ONNX's precision for the card (default: read from the ONNX). A static-batch
+    ONNX gets a profile fixed at its batch size. `timing_cache` is read if present and saved after.
+    """
+    onnx_path, output = Path(onnx_path), Path(output)
+    opt_batch = max_batch if opt_batch is None else opt_batch
+    _check_batches(min_batch, opt_batch, max_batch)
+    if workspace_gb <= 0:
+        raise UsageError(f"workspace must be positive, got {workspace_gb} GB")
+    if output.suffix.lower() not in ENGINE_SUFFIXES:
+        raise UsageError(f"{output}: a TensorRT engine is named *.engine or *.plan")
+    if not onnx_path.is_file():
+        raise ModelFormatError(f"ONNX file not found: {onnx_path}")
+    if precision is not None and precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    precision = precision or onnx_precision(onnx_path)
+    env = tensorrt_environment(device, purpose="TensorRT export")
+    trt = env.trt
+
+    builder = trt.Builder(trt_logger(trt))
+    if builder is None:
+        raise ExportError("TensorRT could not create a builder (is the CUDA driver working?)")
+    network, _parser = _parse(env, builder, onnx_path)
+    if network.num_inputs != 1 or network.num_outputs != 1:
+        raise ExportError(f"{onnx_path.name}: expected one input and one output, found "
+                          f"{network.num_inputs} and {network.num_outputs}")
+    inp, out = network.get_input(0), network.get_output(0)
+    in_shape = tuple(inp.shape)
+    if len(in_shape) != 4 or in_shape[1:] != tuple(card.input_size):
+        raise ExportError(f"{onnx_path.name}: input {inp.name} is {in_shape}, the card says (N, "
+                          f"{', '.join(map(str, card.input_size))})")
+    if in_shape[0] > 0:  # static batch: the profile can only be that batch
+        min_batch = opt_batch = max_batch = int(in_shape[0])
+    profile = builder.create_optimization_profile()
+    chw = tuple(card.input_size)
+    profile.set_shape(inp.name, (min_batch, *chw), (opt_batch, *chw), (max_batch, *chw))
+
+    config = _build_config(env, builder, workspace_gb, tf32)
+    if config.add_optimization_profile(profile) < 0:
+        raise ExportError(f"TensorRT rejected the profile min={min_batch} opt={opt_batch} max={max_batch}")
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    _load_timing_cache(env, config, cache_path)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT {env.version} could not build an engine from {onnx_path.name} "
+                          "(see the TensorRT messages above; a larger --workspace may help)")
+    facts = {
+        **env.facts(),
+        "precision": precision,
+        "strongly_typed": True,
+        "tf32": tf32,
+        "profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
+        "input": {"name": inp.name, "shape": list(in_shape), "dtype": _dtype_name(trt, inp.dtype)},
+        "output": {"name": out.name, "shape": list(out.shape), "dtype": _dtype_name(trt, out.dtype)},
+        "workspace_gb": workspace_gb,
+        "source_onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+    }
+    engine_card = card.replace(extra={**card.extra, "tensorrt": facts})
+    try:
+        with atomic_path(output) as tmp:
+            tmp.write_bytes(memoryview(serialized))
+            engine_card.save(sidecar_path(output))  # card first: the engine appears only with its card
+    except OSError as exc:
+        raise ExportError(f"cannot write {output}: {exc.strerror or first_line(exc)}") from None
+    if cache_path is not None:
+        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    return output
+
+
+# --- `toolkit export --format tensorrt`: the pipeline's format entry ---------------------------
+
+def engine_options(job: ExportJob) -> dict[str, Any]:
+    """Profile, workspace and timing cache from the job's options (flags), with sensible defaults.
+
+    A static ONNX (--static --batch-size N) fixes the profile at N; a dynamic one gets 1..max, where
+    max is `max_batch` (default the larger of 32 and --batch-size) and opt defaults to max.
+    """
+    options = job.options
+    max_batch = int(options.get("max_batch") or max(32, job.batch_size))
+    return {"min_batch": int(options.get("min_batch") or 1), "opt_batch": options.get("opt_batch"),
+            "max_batch": max_batch, "workspace_gb": float(options.get("workspace_gb") or 4.0),
+            "timing_cache": options.get("timing_cache"), "tf32": bool(options.get("tf32", False))}
+
+
+def write_engine(job: ExportJob, path: Path) -> Path:
+    """ONNX of `job.precision` (fp32, fp16, or int8 Q/DQ), then the engine and its sidecar card at `path`."""
+    tensorrt_environment(job.device, purpose="TensorRT export")  # fail before the slow ONNX export
+    onnx_tmp = path.with_name(f".{path.name}.onnx")
+    try:
+        build_onnx(job, onnx_tmp)
+        return export(onnx_tmp, path, job.card, precision=job.precision, device=job.device,
+                      **engine_options(job))
+    finally:
+        onnx_tmp.unlink(missing_ok=True)  # the staging folder's other files are published beside the engine
+
+
+def open_engine(path: Path, job: ExportJob) -> Runner:
+    from toolkit.runtime.tensorrt_runner import TensorRTRunner
+
+    return TensorRTRunner.open(path, device=job.device)
+
+
+FORMAT = FormatSpec(write_engine, open_engine, lambda p: ".engine" if p == "fp32" else f".{p}.engine",
+                    ("fp32", "fp16", "int8"))

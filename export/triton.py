@@ -1,0 +1,389 @@
+"""A Triton Inference Server model directory from an ONNX file or a TensorRT engine.
+
+    <repository>/<name>/config.pbtxt     platform, max_batch_size, input/output, dynamic batching
+    <repository>/<name>/labels.txt       class names, one per line (`label_filename` on the output,
+                                         so Triton's classification extension answers with names)
+    <repository>/<name>/1/model.onnx     or model.plan (platform tensorrt_plan)
+    <repository>/<name>/1/model.*.card.json   the card, for engines (ONNX carries it in metadata)
+
+Tensor names and dims are read from the ONNX file (or, for an engine, from the I/O its sidecar card
+recorded at build time), never guessed. The whole directory is built beside the target and renamed
+into place, so an interrupted export leaves either the old model or the new one, never a mix.
+The config is written as text by hand (no tritonclient needed to export); tests parse it with
+Triton's own `ModelConfig` protobuf.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from toolkit.card import ModelCard, load_sidecar, sidecar_path
+from toolkit.errors import ExportError, ModelFormatError, UsageError
+from toolkit.runtime.metadata import ONNX_CARD_KEY, first_line, onnx_props
+from toolkit.runtime.base import Runner
+from toolkit.v2 import CARD_PARAMETER
+
+from .pipeline import ExportJob, FormatSpec, build_onnx
+
+KINDS = ("KIND_CPU", "KIND_GPU")
+PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".plan": ("tensorrt_plan", "model.plan"),
+             ".engine": ("tensorrt_plan", "model.plan")}
+LABELS_FILE = "labels.txt"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# ONNX TensorProto element type -> Triton data_type
+NUMPY_TO_TRITON = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 2: "TYPE_UINT8", 3: "TYPE_INT8",
+                  6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL", 16: "TYPE_BF16"}
+
+
+def model_name(name: str | None, card: ModelCard) -> str:
+    """The directory name Triton serves the model under (and the URL path /v2/models/<name>)."""
+    name = name or re.sub(r"[^A-Za-z0-9_.-]+", "_", card.arch)
+    if not NAME_PATTERN.match(name):
+        raise UsageError(f"model name {name!r}: use letters, digits, '_', '-' and '.', "
+                         "starting with a letter or digit")
+    return name
+
+
+def _onnx_io(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(input, output) as {"name", "dtype", "shape"} from the ONNX graph; symbolic dims are -1."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's errors vary with the damage
+        raise ModelFormatError(f"{path}: not a readable ONNX file ({first_line(exc)})") from None
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise ModelFormatError(f"{path}: expected one input and one output, found {len(inputs)} and "
+                               f"{len(model.graph.output)}")
+
+    def describe(value: Any) -> dict[str, Any]:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+        if tensor.elem_type not in ONNX_TO_TRITON:
+            raise ModelFormatError(f"{path}: tensor {value.name} has ONNX element type {tensor.elem_type}, "
+                                   "which Triton cannot carry")
+        return {"name": value.name, "dtype": ONNX_TO_TRITON[tensor.elem_type], "shape": dims}
+
+    return describe(inputs[0]), describe(model.graph.output[0])
+
+
+def _engine_io(engine_card: ModelCard, path: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(input, output, profile max batch) recorded by export.tensorrt in the engine's sidecar card."""
+    facts = engine_card.extra.get("tensorrt") or {}
+
+    def describe(tensor: dict[str, Any]) -> dict[str, Any]:
+        dtype = NUMPY_TO_TRITON.get(str(tensor.get("dtype", "float32")))
+        if dtype is None:
+            raise ModelFormatError(f"{path}: engine tensor {tensor['name']} is {tensor['dtype']}; "
+                                   "expected float32 or float16")
+        return {"name": str(tensor["name"]), "dtype": dtype, "shape": [int(d) for d in tensor["shape"]]}
+
+    try:
+        return describe(facts["input"]), describe(facts["output"]), int(facts["profile"]["max"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ModelFormatError(f"{path}: its card lacks the engine's I/O and profile; rebuild it with "
+                               "toolkit export --format tensorrt") from None
+
+
+def _dims(shape: Sequence[int], max_batch_size: int, what: str) -> list[int]:
+    """Triton dims exclude the batch dim when the model batches (max_batch_size > 0)."""
+    if max_batch_size == 0:
+        return list(shape)
+    if not shape or shape[0] != -1:
+        raise ExportError(f"{what} has a fixed batch dimension {list(shape)}; Triton batching needs a "
+                          "dynamic one: "
+                          "export the ONNX with --dynamic, or use max_batch_size=0")
+    return list(shape[1:])
+
+
+def _pbtxt_list(values: Sequence[int]) -> str:
+    return "[ " + ", ".join(str(v) for v in values) + " ]"
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def config_text(*, name: str, platform: str, max_batch_size: int, inp: dict[str, Any], out: dict[str, Any],
+                dynamic_batching: bool, preferred_batch_sizes: Sequence[int] | None, max_queue_delay_us: int,
+                instance_count: int, kind: str, card: ModelCard) -> str:
+    """config.pbtxt in protobuf text format (Triton's ModelConfig).
+
+    The card rides along as the string parameter `toolkit.card`: Triton returns it from
+    GET /v2/models/<name>/config, so `toolkit eval -m http://host:8000/<name>` gets the exact
+    preprocessing and class names back (backends ignore parameters they do not know).
+    """
+    card_json = json.dumps(card.to_dict(), separators=(",", ":"), ensure_ascii=True)
+    in_dims = _dims(inp["shape"], max_batch_size, f"input {inp['name']}")
+    out_dims = _dims(out["shape"], max_batch_size, f"output {out['name']}")
+    lines = [
+        f"name: {_quote(name)}",
+        f"platform: {_quote(platform)}",
+        f"max_batch_size: {max_batch_size}",
+        "input [",
+        "  {",
+        f"    name: {_quote(inp['name'])}",
+        f"    data_type: {inp['dtype']}",
+        f"    dims: {_pbtxt_list(in_dims)}",
+        "  }",
+        "]",
+        "output [",
+        "  {",
+        f"    name: {_quote(out['name'])}",
+        f"    data_type: {out['dtype']}",
+        f"    dims: {_pbtxt_list(out_dims)}",
+        f"    label_filename: {_quote(LABELS_FILE)}",
+        "  }",
+        "]",
+        "parameters [",
+        "  {",
+        f"    key: {_quote(CARD_PARAMETER)}",
+        f"    value: {{ string_value: {_quote(card_json)} }}",
+        "  }",
+        "]",
+        "instance_group [",
+        "  {",
+        f"    count: {instance_count}",
+        f"    kind: {kind}",
+        "  }",
+        "]",
+    ]
+    if dynamic_batching and max_batch_size > 0:
+        lines.append("dynamic_batching {")
+        if preferred_batch_sizes:
+            lines.append(f"  preferred_batch_size: {_pbtxt_list(preferred_batch_sizes)}")
+        lines.append(f"  max_queue_delay_microseconds: {max_queue_delay_us}")
+        lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _external_data_files(path: Path) -> list[str]:
+    """Files an ONNX model keeps its large weights in (models over 2 GB); they must travel with it."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {
+        entry.value
+        for tensor in model.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    unsafe = [n for n in names if Path(n).is_absolute() or ".." in Path(n).parts]
+    if unsafe:
+        raise ModelFormatError(f"{path}: external data outside the model's folder ({unsafe[0]}); "
+                               "refusing to copy it")
+    return sorted(names)  # locations relative to the ONNX file, as the model names them
+
+
+def _replace_dir(built: Path, target: Path) -> None:
+    """Swap `built` into `target`; an existing target is removed only once the new one is in place."""
+    backup = None
+    if target.exists():
+        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        backup.rmdir()
+        os.rename(target, backup)
+    try:
+        os.rename(built, target)
+    except BaseException:
+        if backup is not None:
+            os.rename(backup, target)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def export(
+    model_file: str | Path,
+    repository: str | Path,
+    card: ModelCard,
+    *,
+    name: str | None = None,
+    max_batch_size: int = 32,
+    dynamic_batching: bool = True,
+    preferred_batch_sizes: Sequence[int] | None = None,
+    max_queue_delay_us: int = 500,
+    instance_count: int = 1,
+    kind: str | None = None,
+    version: int = 1,
+) -> Path:
+    """Write `<repository>/<name>/` for `model_file` (.onnx, or a .engine/.plan with its sidecar card).
+
+    `card` is used when the model file carries none (an ONNX file's embedded card, an engine's sidecar
+    win, being what open_model reads). `kind` defaults to KIND_GPU for engines and KIND_CPU for ONNX.
+    Returns the model directory.
+    """
+    model_file, repository = Path(model_file), Path(repository)
+    suffix = model_file.suffix.lower()
+    if suffix not in PLATFORMS:
+        raise UsageError(f"{model_file}: Triton export takes an ONNX file or a TensorRT engine "
+                         "(.engine/.plan)")
+    if not model_file.is_file():
+        raise ModelFormatError(f"model file not found: {model_file}")
+    platform, file_name = PLATFORMS[suffix]
+    is_engine = platform == "tensorrt_plan"
+    kind = kind or ("KIND_GPU" if is_engine else "KIND_CPU")
+    name = model_name(name, card)
+    problems = []
+    if kind not in KINDS:
+        problems.append(f"kind must be one of {', '.join(KINDS)}")
+    if is_engine and kind != "KIND_GPU":
+        problems.append("a TensorRT plan runs only with kind KIND_GPU")
+    if max_batch_size < 0:
+        problems.append("max_batch_size must be >= 0")
+    if instance_count < 1:
+        problems.append("instance_count must be >= 1")
+    if max_queue_delay_us < 0:
+        problems.append("max_queue_delay_us must be >= 0")
+    if version < 1:
+        problems.append("version must be >= 1")
+    if preferred_batch_sizes and not all(1 <= b <= max_batch_size for b in preferred_batch_sizes):
+        problems.append(f"preferred batch sizes must lie in 1..{max_batch_size}")
+    if problems:
+        raise UsageError("Triton export: " + "; ".join(problems))
+
+    extra_files: list[str] = []
+    if is_engine:
+        engine_card = load_sidecar(model_file)
+        if engine_card is None:
+            raise ModelFormatError(f"{model_file}: its card {sidecar_path(model_file).name} is missing; "
+                                   "rebuild with toolkit export --format tensorrt")
+        inp, out, profile_max = _engine_io(engine_card, model_file)
+        if max_batch_size > profile_max:
+            raise UsageError(f"max_batch_size {max_batch_size} exceeds the engine's profile max batch "
+                             f"{profile_max}")
+        card_to_write: ModelCard | None = engine_card
+    else:
+        inp, out = _onnx_io(model_file)
+        extra_files = _external_data_files(model_file)
+        embedded = onnx_props(model_file).get(ONNX_CARD_KEY)
+        card_to_write = None if embedded else card
+    labels_card = card_to_write or (ModelCard.from_json(embedded) if embedded else card)
+    if any("\n" in c or "\r" in c for c in labels_card.class_names):
+        raise UsageError("Triton export: class names may not contain line breaks "
+                         "(labels.txt holds one per line)")
+    if out["shape"] and out["shape"][-1] not in (-1, labels_card.num_classes):
+        raise ExportError(f"{model_file.name}: output {out['name']} has {out['shape'][-1]} classes, the card "
+                          f"names {labels_card.num_classes}")
+    config = config_text(name=name, platform=platform, max_batch_size=max_batch_size, inp=inp, out=out,
+                         dynamic_batching=dynamic_batching, preferred_batch_sizes=preferred_batch_sizes,
+                         max_queue_delay_us=max_queue_delay_us, instance_count=instance_count, kind=kind,
+                         card=labels_card)
+
+    try:
+        repository.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp.", dir=repository))
+    except OSError as exc:
+        raise ExportError(f"cannot write to {repository}: {exc.strerror or first_line(exc)}") from None
+    try:
+        version_dir = staging / str(version)
+        version_dir.mkdir()
+        (staging / "config.pbtxt").write_text(config, "utf-8")
+        (staging / LABELS_FILE).write_text("\n".join(labels_card.class_names) + "\n", "utf-8")
+        shutil.copyfile(model_file, version_dir / file_name)
+        for location in extra_files:
+            (version_dir / location).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(model_file.parent / location, version_dir / location)
+        if card_to_write is not None:
+            card_to_write.save(sidecar_path(version_dir / file_name))
+        for path in (staging, version_dir):
+            os.chmod(path, 0o755)  # mkdtemp makes 0700; a server usually runs as another user
+        _replace_dir(staging, repository / name)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = exc.strerror or first_line(exc)
+        raise ExportError(f"cannot write the Triton model {repository / name}: {reason}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return repository / name
+
+
+# --- `toolkit export --format triton -o repo/`: the pipeline's format entry --------------------
+
+def job_model_name(job: ExportJob) -> str:
+    """`options["name"]`, else the checkpoint's stem (resnet20_digits.pt -> resnet20_digits)."""
+    given = job.options.get("name")
+    return model_name(given or re.sub(r"[^A-Za-z0-9_.-]+", "_", job.checkpoint.stem).lstrip("_.-") or None,
+                      job.card)
+
+
+def _keep_other_models(job: ExportJob, staged_repository: Path, name: str) -> None:
+    """The pipeline swaps the whole repository folder into place; carry the other models across.
+
+    They are hard-linked (copied where links are impossible), so this is cheap and a running
+    server's files are never modified in place.
+    """
+    existing = job.output
+    if not existing.is_dir():
+        return
+    for entry in existing.iterdir():
+        if entry.name == name or entry.name.startswith("."):
+            continue
+        target = staged_repository / entry.name
+        if entry.is_dir():
+            shutil.copytree(entry, target, copy_function=_link_or_copy, symlinks=True)
+        else:
+            _link_or_copy(entry, target)
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def write_repository(job: ExportJob, path: Path) -> Path:
+    """`path` is the (staged) repository: the model directory goes inside it, built from the ONNX of
+    `job.precision` (or from a TensorRT engine with `options["model_format"] = "tensorrt"`)."""
+    name = job_model_name(job)
+    model_format = job.options.get("model_format", "onnx")
+    if model_format not in ("onnx", "tensorrt"):
+        raise UsageError(f"Triton model format {model_format!r}: choose onnx or tensorrt")
+    path.mkdir(parents=True, exist_ok=True)
+    source = path.with_name(f".{path.name}.model" + (".engine" if model_format == "tensorrt" else ".onnx"))
+    try:
+        if model_format == "tensorrt":
+            from . import tensorrt
+
+            tensorrt.write_engine(job, source)
+        else:
+            build_onnx(job, source)
+        if model_format == "tensorrt":  # never more than the engine's profile allows
+            max_batch = _engine_io(load_sidecar(source) or job.card, source)[2]
+        elif _onnx_io(source)[0]["shape"][:1] == [-1]:
+            max_batch = int(job.options.get("max_batch") or max(32, job.batch_size))
+        else:  # a --static ONNX: Triton sends it whole batches of exactly that size
+            max_batch = 0
+        on_gpu = model_format == "tensorrt" or job.device.startswith("cuda")
+        kind = job.options.get("kind") or ("KIND_GPU" if on_gpu else "KIND_CPU")
+        _keep_other_models(job, path, name)
+        export(source, path, job.card, name=name, max_batch_size=max_batch, kind=kind,
+               preferred_batch_sizes=job.options.get("preferred_batch_sizes"),
+               max_queue_delay_us=int(job.options.get("max_queue_delay_us") or 500),
+               instance_count=int(job.options.get("instance_count") or 1))
+    finally:
+        for leftover in (source, sidecar_path(source)):
+            leftover.unlink(missing_ok=True)  # everything else in staging is published beside the repository
+    return path
+
+
+def open_repository_model(path: Path, job: ExportJob) -> Runner:
+    from toolkit.runtime.registry import open_model
+
+    return open_model(path / job_model_name(job), device=job.device)
+
+
+FORMAT = FormatSpec(write_repository, open_repository_model,
+                    lambda p: "_triton" if p == "fp32" else f"_triton_{p}", ("fp32", "fp16", "int8"))

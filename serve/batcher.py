@@ -1,0 +1,197 @@
+"""Dynamic batching: concurrent requests share one runner call; each answer returns to its sender.
+
+One scheduler task on the event loop takes queued requests in arrival order and hands them, as one
+concatenated batch, to a single runner thread (the runner never runs on the event loop). While
+that thread works, new requests queue up and form the next batch, so under load batches grow by
+themselves; `max_delay_ms` optionally holds a batch open a little longer (worth it on GPUs). The
+queue is bounded (`QueueFullError` -> 503) and every request has a deadline (`QueueTimeoutError`
+-> 504). Requests larger than `max_batch_size` run alone and the Runner chunks them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from toolkit.errors import ToolkitError
+from toolkit.runtime.base import Runner
+
+from .metrics import RequestTiming, Stats
+
+
+class QueueFullError(ToolkitError):
+    """The server has more waiting requests than `--max-queue` (503 with Retry-After)."""
+
+    http_status = 503
+
+
+class QueueTimeoutError(ToolkitError):
+    """The request waited longer than `--timeout-s` (504)."""
+
+    http_status = 504
+
+
+@dataclass
+class _Item:
+    batch: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    timing: RequestTiming
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class DynamicBatcher:
+    """`await batcher.infer(float32 NCHW)` -> logits; gathers concurrent calls into one runner call."""
+
+    def __init__(self, runner: Runner, stats: Stats, *, max_batch_size: int = 32, max_delay_ms: float = 0.0,
+                 max_queue: int = 256, timeout_s: float = 30.0) -> None:
+        self.runner = runner
+        self.stats = stats
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.max_delay_s = max(0.0, max_delay_ms / 1000.0)
+        self.max_queue = max(1, int(max_queue))
+        self.timeout_s = timeout_s
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="toolkit-runner")
+        self.busy = False
+
+    async def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.create_task(self._schedule(), name="toolkit-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(QueueFullError("the server is shutting down"))
+        self._queue.clear()
+        self._executor.shutdown(wait=True)
+
+    def run_sync(self, batch: np.ndarray) -> np.ndarray:
+        """Run directly on the runner thread (warm-up), bypassing the queue."""
+        return self._executor.submit(self.runner, batch).result()
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    async def infer(self, batch: np.ndarray, timing: RequestTiming | None = None) -> np.ndarray:
+        """Logits for `batch`; raises QueueFullError (503) or QueueTimeoutError (504)."""
+        if self._wakeup is None:
+            raise QueueFullError("the model is not running yet")
+        if len(self._queue) >= self.max_queue:
+            raise QueueFullError(f"server busy: {len(self._queue)} requests already queued (--max-queue "
+                                 f"{self.max_queue}); retry later")
+        item = _Item(batch, asyncio.get_running_loop().create_future(), timing or RequestTiming())
+        self._queue.append(item)
+        self.stats.pending = len(self._queue)
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), self.timeout_s)
+        except asyncio.TimeoutError:
+            if item in self._queue:
+                self._queue.remove(item)
+                self.stats.pending = len(self._queue)
+            item.future.cancel()
+            raise QueueTimeoutError(f"request timed out after {self.timeout_s:g} s (--timeout-s)") from None
+
+    def _take(self) -> list[_Item]:
+        items, size = [], 0
+        while self._queue:
+            head = self._queue[0]
+            if items and size + len(head.batch) > self.max_batch_size:
+                break
+            self._queue.popleft()
+            if head.future.done():  # timed out while queued
+                continue
+            items.append(head)
+            size += len(head.batch)
+            if size >= self.max_batch_size:
+                break
+        self.stats.pending = len(self._queue)
+        return items
+
+    def _queued_images(self) -> int:
+        return sum(len(item.batch) for item in self._queue)
+
+    async def _schedule(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.max_delay_s > 0:
+                deadline = self._queue[0].enqueued + self.max_delay_s
+                while self._queued_images() < self.max_batch_size and (left := deadline - time.perf_counter()) > 0:
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), left)
+                    except asyncio.TimeoutError:
+                        break
+            items = self._take()
+            if not items:
+                continue
+            started = time.perf_counter()
+            for item in items:
+                item.timing.queue_s = started - item.enqueued
+            self.busy = True
+            try:
+                logits, infer_s = await loop.run_in_executor(self._executor, self._run, [i.batch for i in items])
+            except BaseException as exc:  # noqa: BLE001 - every waiting request gets the error
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            finally:
+                self.busy = False
+            self.stats.record_batch(len(logits), infer_s)
+            offset = 0
+            for item in items:
+                n = len(item.batch)
+                item.timing.infer_s = infer_s
+                if not item.future.done():
+                    item.future.set_result(logits[offset:offset + n])
+                offset += n
+
+    def _run(self, batches: list[np.ndarray]) -> tuple[np.ndarray, float]:
+        batch = batches[0] if len(batches) == 1 else np.concatenate(batches)
+        began = time.perf_counter()
+        logits = self.runner(batch)
+        return logits, time.perf_counter() - began
+
+
+class BatchedRunner(Runner):
+    """A Runner whose calls go through the server's batcher, for library code run in a worker thread.
+
+    `/evaluate` hands this to `toolkit.evaluate.evaluate`, so server-side evaluation shares the
+    queue, the limits and the metrics with every other request, and the runner stays single-threaded.
+    """
+
+    def __init__(self, batcher: DynamicBatcher, loop: asyncio.AbstractEventLoop) -> None:
+        inner = batcher.runner
+        super().__init__(inner.card, source=inner.source, device=inner.device,
+                         max_batch_size=batcher.max_batch_size, precision=inner.precision)
+        self.backend = inner.backend
+        self._batcher = batcher
+        self._loop = loop
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return asyncio.run_coroutine_threadsafe(self._batcher.infer(batch), self._loop).result()
+
+    def describe(self) -> dict[str, object]:
+        return self._batcher.runner.describe()

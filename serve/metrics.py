@@ -1,0 +1,158 @@
+"""Request and batch statistics with Triton's meanings, rendered as Prometheus text and v2 stats JSON.
+
+Names follow Triton's `nv_inference_*` metrics: durations are cumulative microseconds over
+successful requests; a request in a batch of k is charged the whole batch's compute time (as
+Triton does); `nv_inference_count` counts images, `nv_inference_exec_count` runner calls.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
+
+
+@dataclass
+class RequestTiming:
+    """Per-request phases, in seconds (filled along the way)."""
+
+    input_s: float = 0.0  # decode + preprocess (compute_input)
+    queue_s: float = 0.0  # waiting for the runner
+    infer_s: float = 0.0  # the runner call of its batch (compute_infer)
+    output_s: float = 0.0  # softmax/top-k/encoding (compute_output)
+
+
+@dataclass
+class Stats:
+    """Thread-safe counters; one instance per served model."""
+
+    success: int = 0
+    success_us: float = 0.0
+    failures: Counter[str] = field(default_factory=Counter)
+    failure_us: float = 0.0
+    queue_us: float = 0.0
+    input_us: float = 0.0
+    infer_us: float = 0.0
+    output_us: float = 0.0
+    inference_count: int = 0  # images run
+    exec_count: int = 0  # runner calls
+    batch_sizes: Counter[int] = field(default_factory=Counter)  # images per runner call -> calls
+    batch_infer_us: Counter[int] = field(default_factory=Counter)
+    pending: int = 0  # requests queued, not yet running
+    in_flight: int = 0  # requests inside the server (any endpoint that does work)
+    http_responses: Counter[str] = field(default_factory=Counter)
+    last_inference_ms: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record_success(self, total_s: float, timing: RequestTiming) -> None:
+        with self._lock:
+            self.success += 1
+            self.success_us += total_s * 1e6
+            self.queue_us += timing.queue_s * 1e6
+            self.input_us += timing.input_s * 1e6
+            self.infer_us += timing.infer_s * 1e6
+            self.output_us += timing.output_s * 1e6
+            self.last_inference_ms = int(time.time() * 1000)
+
+    def record_failure(self, reason: str, total_s: float) -> None:
+        with self._lock:
+            self.failures[reason if reason in FAILURE_REASONS else "OTHER"] += 1
+            self.failure_us += total_s * 1e6
+
+    def record_batch(self, size: int, infer_s: float) -> None:
+        with self._lock:
+            self.exec_count += 1
+            self.inference_count += size
+            self.batch_sizes[size] += 1
+            self.batch_infer_us[size] += infer_s * 1e6
+
+    def record_http(self, status: int) -> None:
+        with self._lock:
+            self.http_responses[str(status)] += 1
+
+    # --- renderings ---------------------------------------------------------------------------
+
+    def prometheus(self, model: str, version: str) -> str:
+        labels = f'model="{_escape(model)}",version="{_escape(version)}"'
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(f"{name}{{{extra}}} {_number(value)}" for extra, value in samples)
+
+        with self._lock:
+            metric("nv_inference_request_success", "counter",
+                   "Number of successful inference requests, all batch sizes", [(labels, self.success)])
+            metric("nv_inference_request_failure", "counter",
+                   "Number of failed inference requests, all batch sizes",
+                   [(f'{labels},reason="{r}"', self.failures.get(r, 0)) for r in FAILURE_REASONS])
+            metric("nv_inference_count", "counter",
+                   "Number of inferences performed (images; does not include cached requests)",
+                   [(labels, self.inference_count)])
+            metric("nv_inference_exec_count", "counter",
+                   "Number of model executions performed (runner calls)", [(labels, self.exec_count)])
+            metric("nv_inference_request_duration_us", "counter",
+                   "Cumulative inference request duration in microseconds (successful requests)",
+                   [(labels, self.success_us)])
+            metric("nv_inference_queue_duration_us", "counter",
+                   "Cumulative inference queuing duration in microseconds", [(labels, self.queue_us)])
+            metric("nv_inference_compute_input_duration_us", "counter",
+                   "Cumulative compute input duration in microseconds (decode + preprocess)",
+                   [(labels, self.input_us)])
+            metric("nv_inference_compute_infer_duration_us", "counter",
+                   "Cumulative compute inference duration in microseconds", [(labels, self.infer_us)])
+            metric("nv_inference_compute_output_duration_us", "counter",
+                   "Cumulative inference compute output duration in microseconds", [(labels, self.output_us)])
+            metric("nv_inference_pending_request_count", "gauge",
+                   "Instantaneous number of pending requests awaiting execution", [(labels, self.pending)])
+            lines.append("# HELP toolkit_inference_batch_size Images per model execution")
+            lines.append("# TYPE toolkit_inference_batch_size histogram")
+            cumulative = 0
+            bounds = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, *self.batch_sizes})
+            for bound in bounds:
+                cumulative = sum(c for s, c in self.batch_sizes.items() if s <= bound)
+                lines.append(f'toolkit_inference_batch_size_bucket{{{labels},le="{bound}"}} {cumulative}')
+            lines.append(f'toolkit_inference_batch_size_bucket{{{labels},le="+Inf"}} {self.exec_count}')
+            lines.append(f"toolkit_inference_batch_size_sum{{{labels}}} {self.inference_count}")
+            lines.append(f"toolkit_inference_batch_size_count{{{labels}}} {self.exec_count}")
+            metric("toolkit_requests_in_flight", "gauge", "Requests being handled now", [(labels, self.in_flight)])
+            metric("toolkit_http_responses", "counter", "HTTP responses by status code",
+                   [(f'code="{code}"', n) for code, n in sorted(self.http_responses.items())])
+        return "\n".join(lines) + "\n"
+
+    def v2_statistics(self, model: str, version: str) -> dict[str, object]:
+        """The KServe/Triton statistics extension document (`GET /v2/models/{name}/stats`)."""
+
+        def stat(count: int, micros: float) -> dict[str, int]:
+            return {"count": int(count), "ns": int(micros * 1000)}
+
+        with self._lock:
+            batch_stats = [{"batch_size": size, "compute_infer": stat(n, self.batch_infer_us[size]),
+                            "compute_input": stat(n, 0), "compute_output": stat(n, 0)}
+                           for size, n in sorted(self.batch_sizes.items())]
+            return {"model_stats": [{
+                "name": model, "version": version, "last_inference": self.last_inference_ms,
+                "inference_count": self.inference_count, "execution_count": self.exec_count,
+                "inference_stats": {
+                    "success": stat(self.success, self.success_us),
+                    "fail": stat(sum(self.failures.values()), self.failure_us),
+                    "queue": stat(self.success, self.queue_us),
+                    "compute_input": stat(self.success, self.input_us),
+                    "compute_infer": stat(self.success, self.infer_us),
+                    "compute_output": stat(self.success, self.output_us),
+                    "cache_hit": stat(0, 0), "cache_miss": stat(0, 0),
+                },
+                "batch_stats": batch_stats,
+            }]}
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.3f}"

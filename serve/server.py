@@ -1,0 +1,62 @@
+"""Run the app under uvicorn with a graceful drain: SIGTERM -> not ready, new work 503, in-flight finish.
+
+uvicorn's own handler stops listening at once; a load balancer then sees refused connections
+instead of a clean 503 and an honest readiness probe. Here the first SIGTERM/SIGINT only starts
+draining; the process exits (code 0) once no request is in flight, or after `drain_timeout_s`.
+A second signal exits immediately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from types import FrameType
+
+import uvicorn
+
+from toolkit.runtime.base import Runner
+
+from .app import ServerState, create_app, guarded
+from .config import ServeConfig
+
+log = logging.getLogger("toolkit.serve")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = self.state
+        if state.draining or state.loop is None:
+            self.should_exit = True
+            self.force_exit = state.draining
+            return
+        state.draining = True
+        log.info("received %s: draining (%d requests in flight)", signal.Signals(sig).name, state.stats.in_flight)
+        state.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.state.config.drain_timeout_s
+        while self.state.stats.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.should_exit = True
+
+
+def uvicorn_config(runner: Runner, config: ServeConfig, **overrides: object) -> tuple[uvicorn.Config, ServerState]:
+    app = create_app(runner, config)
+    options: dict[str, object] = {
+        "host": config.host, "port": config.port, "log_level": "info", "access_log": False,
+        "timeout_graceful_shutdown": config.drain_timeout_s, "lifespan": "on", "server_header": False,
+    }
+    options.update(overrides)
+    return uvicorn.Config(guarded(app), **options), app.state.toolkit  # type: ignore[arg-type]
+
+
+def serve(runner: Runner, config: ServeConfig, **overrides: object) -> None:
+    """Serve until SIGTERM/SIGINT, then drain. Blocks. The caller closes the runner afterwards."""
+    uv_config, state = uvicorn_config(runner, config, **overrides)
+    DrainingServer(uv_config, state).run()

@@ -1,0 +1,68 @@
+"""`toolkit benchmark`: every row made here runs, agrees with PyTorch, and a failing row does not stop the rest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from toolkit.cli import app
+from toolkit.errors import UsageError
+
+pytestmark = pytest.mark.slow
+
+
+def test_plan_always_starts_with_torch_and_rejects_unknown_names():
+    from export.benchmark import plan
+
+    rows = plan(["onnx"], ["int8"])
+    assert [(v.format, v.precision) for v in rows] == [("torch", "fp32"), ("onnx", "int8")]
+    with pytest.raises(UsageError, match="unknown format"):
+        plan(["caffe"], None)
+    with pytest.raises(UsageError, match="unknown precision"):
+        plan(None, ["int4"])
+
+
+def test_benchmark_rows_json_and_chart(sample_model, tmp_path, monkeypatch):
+    import export.benchmark as bench
+
+    real_open = bench._open
+
+    def broken_fp16(variant, *args, **kwargs):  # one row breaks: it must report, the others still run
+        if variant.precision == "fp16":
+            raise RuntimeError("simulated fp16 failure")
+        return real_open(variant, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "_open", broken_fp16)
+    result = bench.run_benchmark(sample_model, formats=["torch", "onnx", "openvino", "tensorrt"], precisions=["fp32", "fp16", "int8"],
+                                 limit=64, batch_sizes=[8, 32], output_dir=tmp_path, latency_runs=5, min_seconds=0.05,
+                                 calib_size=64, verify_samples=64)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["torch fp32", "onnxruntime fp32", "onnxruntime fp16", "onnxruntime int8", "openvino fp32",
+                          "openvino int8", "tensorrt int8"]
+    assert rows["onnxruntime fp16"]["status"] == "failed" and "simulated" in rows["onnxruntime fp16"]["error"]
+    assert rows["tensorrt int8"]["status"] == "skipped" and "cuda" in rows["tensorrt int8"]["error"]
+    for name in ("torch fp32", "onnxruntime fp32", "onnxruntime int8", "openvino fp32", "openvino int8"):
+        row = rows[name]
+        assert row["status"] == "ok", (name, row["error"])
+        assert row["accuracy"] > 0.9 and row["agreement"] >= 0.95 and row["macro_f1"] > 0.9
+        assert row["throughput"] > 0 and row["best_batch_size"] in (8, 32)
+        assert 0 < row["latency_ms_p50"] <= row["latency_ms_p99"]
+        assert row["size_bytes"] > 0
+    assert rows["torch fp32"]["speedup"] == 1.0
+    assert rows["onnxruntime int8"]["size_bytes"] < rows["onnxruntime fp32"]["size_bytes"]
+    assert rows["onnxruntime fp32"]["max_abs_diff"] < 1e-3
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == list(rows)
+    assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "resnet20_digits.int8.onnx").is_file()
+
+
+def test_benchmark_cli_table(sample_model):
+    result = CliRunner().invoke(app, ["benchmark", "-m", str(sample_model), "--dataset", "sample", "--formats",
+                                      "torch,torchscript", "--limit", "32", "--batch-sizes", "8"])
+    assert result.exit_code == 0, result.output
+    assert "torchscript fp32" in result.output and "speed-up" in result.output
+    torch_row = result.output.split("torch fp32")[1].splitlines()[0]
+    assert " ok " in torch_row and "1.00x" in torch_row
