@@ -11,7 +11,9 @@ Setup (all generated, nothing downloaded):
 
 For each backend: end-to-end `toolkit.evaluate.evaluate` img/s over the whole set (reading the
 in-memory CIFAR arrays, preprocessing, prefetch thread, metrics) vs model-only img/s (the runner
-called on one ready, preprocessed batch, repeatedly) measured in the same run. Target >= 0.9x.
+called on one ready, preprocessed batch, repeatedly) measured in the same run; both exclude the first
+batch as warm-up (`LoopTiming`). Target >= 0.9x. (Keys are str, pickled at protocol 2: torchvision's
+reader needs str keys; the toolkit reads str and bytes keys alike.)
 Then the fastest backend's end-to-end rate vs the usual tutorial loop: torchvision `CIFAR10`
 reading the same folder + `DataLoader(num_workers=2)` + `ToTensor` + `Normalize` + eager model
 under `no_grad`. Target >= 3x.
@@ -49,11 +51,11 @@ def make_cifar(root: Path, n: int) -> Path:
     folder.mkdir(parents=True)
     data = images.transpose(0, 3, 1, 2).reshape(n, -1)
     with open(folder / "test_batch", "wb") as fh:
-        pickle.dump({b"batch_label": b"testing batch 1 of 1", b"labels": labels[pick].tolist(), b"data": data,
-                     b"filenames": [f"img{i}.png".encode() for i in range(n)]}, fh, protocol=2)
+        pickle.dump({"batch_label": "testing batch 1 of 1", "labels": labels[pick].tolist(), "data": data,
+                     "filenames": [f"img{i}.png" for i in range(n)]}, fh, protocol=2)
     with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072,
-                     b"num_cases_per_batch": n}, fh, protocol=2)
+        pickle.dump({"label_names": list(CIFAR10_CLASSES), "num_vis": 3072, "num_cases_per_batch": n}, fh,
+                    protocol=2)
     return folder
 
 
@@ -102,9 +104,10 @@ def tutorial_loop(checkpoint: Path, data_root: Path, batch_size: int) -> tuple[f
     from toolkit.checkpoint import load_checkpoint
     from toolkit.runtime.torch_runner import build_from_checkpoint
 
-    class GeneratedCIFAR10(torchvision.datasets.CIFAR10):
-        def _check_integrity(self) -> bool:  # our generated files do not carry the official md5s
-            return True
+    class GeneratedCIFAR10(torchvision.datasets.CIFAR10):  # our generated files lack the official md5s
+        train_list: list = []
+        test_list = [["test_batch", None]]
+        meta = {"filename": "batches.meta", "key": "label_names", "md5": None}
 
     model, card, _ = build_from_checkpoint(load_checkpoint(checkpoint))
     transform = T.Compose([T.ToTensor(), T.Normalize(card.mean, card.std)])
@@ -160,8 +163,10 @@ def main() -> None:
                 batch = np.ascontiguousarray(
                     __import__("toolkit.preprocess", fromlist=["preprocess"]).preprocess(
                         data.images[:args.batch_size], runner.card))
+                before = model_only(runner, batch, min_images=min(len(data), 4 * args.batch_size))
                 report = evaluate(runner, data, batch_size=args.batch_size)
-                alone = model_only(runner, batch, min_images=min(len(data), 4 * args.batch_size))
+                after = model_only(runner, batch, min_images=min(len(data), 4 * args.batch_size))
+                alone = max(before, after)  # the machine is shared: compare against the better of two
             ratio = report.images_per_second / alone
             print(f"{name:18s} {report.images_per_second:17,.0f} {alone:17,.0f} {ratio:6.2f} "
                   f"{report.model_images_per_second:20,.0f}  {'MET' if ratio >= 0.9 else 'NOT MET'}")

@@ -78,19 +78,31 @@ def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
 
 @dataclass
 class LoopTiming:
-    """Filled in by `iterate_logits`: images seen, wall seconds, seconds inside the runner."""
+    """Filled in by `iterate_logits`. Rates are steady-state: the first batch (where runtimes compile
+    kernels, allocate arenas and pick algorithms) is timed apart as warm-up, as timm's and
+    Polygraphy's benchmarks do, unless it is the only batch."""
 
-    images: int = 0
-    seconds: float = 0.0
-    model_seconds: float = 0.0
+    total_images: int = 0
+    total_seconds: float = 0.0  # wall, first request to last answer, warm-up included
+    warmup_images: int = 0
+    warmup_seconds: float = 0.0
+    model_seconds: float = 0.0  # inside the runner, after warm-up
+
+    @property
+    def images(self) -> int:
+        return self.total_images - self.warmup_images
+
+    @property
+    def seconds(self) -> float:
+        return self.total_seconds - self.warmup_seconds
 
     @property
     def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+        return self.images / self.seconds if self.seconds > 0 and self.images else 0.0
 
     @property
     def model_images_per_second(self) -> float:
-        return self.images / self.model_seconds if self.model_seconds > 0 else 0.0
+        return self.images / self.model_seconds if self.model_seconds > 0 and self.images else 0.0
 
 
 def iterate_logits(runner: Runner, dataset: Dataset, batch_size: int = 256, *, timing: LoopTiming | None = None,
@@ -98,16 +110,23 @@ def iterate_logits(runner: Runner, dataset: Dataset, batch_size: int = 256, *, t
     """Logits batch by batch, in dataset order; data for the next batches is prepared meanwhile."""
     timing = timing if timing is not None else LoopTiming()
     start = time.perf_counter()
+    model_seconds = first_model_seconds = 0.0
     for batch in prefetched(dataset.batches(runner.card, batch_size), prefetch_depth):
         began = time.perf_counter()
         logits = runner(batch)
-        timing.model_seconds += time.perf_counter() - began
-        timing.images += len(batch)
-        timing.seconds = time.perf_counter() - start
+        now = time.perf_counter()
+        model_seconds += now - began
+        if timing.total_images == 0:  # the first batch is the warm-up
+            timing.warmup_images, timing.warmup_seconds = len(batch), now - start
+            first_model_seconds, model_seconds = model_seconds, 0.0
+        timing.total_images += len(batch)
+        timing.total_seconds = now - start
+        timing.model_seconds = model_seconds
         if progress is not None:
             progress(len(batch))
         yield logits
-    timing.seconds = time.perf_counter() - start
+    if timing.total_images == timing.warmup_images:  # a single batch: report it, warm-up and all
+        timing.warmup_images, timing.warmup_seconds, timing.model_seconds = 0, 0.0, first_model_seconds
 
 
 def collect_logits(runner: Runner, dataset: Dataset, batch_size: int = 256) -> np.ndarray:
@@ -182,7 +201,8 @@ class EvalReport:
             "images_per_second": self.images_per_second,
             "model_images_per_second": model_ips,
             "pipeline_efficiency": self.images_per_second / model_ips if model_ips else None,
-            "seconds": self.timing.seconds,
+            "seconds": self.timing.total_seconds,
+            "warmup_seconds": self.timing.warmup_seconds,
             "model_seconds": self.timing.model_seconds,
             "backend": self.backend,
             "model": self.model,

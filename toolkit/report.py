@@ -133,7 +133,7 @@ def render_eval(report: EvalReport, console: Any, max_class_rows: int = 100) -> 
                       str(data["num_samples"]))
     console.print(table)
     speed = (f"{report.images_per_second:,.0f} img/s end-to-end, {report.model_images_per_second:,.0f} img/s "
-             f"model-only (batch {report.batch_size}, {report.timing.seconds:.2f} s)")
+             f"model-only (batch {report.batch_size}, {report.timing.total_seconds:.2f} s in all)")
     console.print(f"[bold]accuracy[/] {_pct(data['accuracy'])}   [bold]top-5[/] {_pct(data['top5'])}   "
                   f"[dim]{speed}[/]")
 
