@@ -34,8 +34,14 @@ class UnsupportedImageError(InputError):
 
 
 def decode_image(source: str | Path | bytes, *, draft_size: tuple[int, int] | None = None,
-                 name: str | None = None) -> Image.Image:
-    """Open, verify and convert to RGB. `draft_size` lets JPEG decode at reduced scale (fast)."""
+                 name: str | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Open, verify and convert to RGB. `draft_size` lets JPEG decode at reduced scale (fast).
+
+    `max_pixels` (a server's limit, stricter than Pillow's bomb guard) is checked from the header,
+    before a single pixel is decoded.
+    """
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     label = name or (str(source) if not isinstance(source, bytes) else "image")
@@ -44,7 +50,12 @@ def decode_image(source: str | Path | bytes, *, draft_size: tuple[int, int] | No
     except OSError as exc:
         raise DataError(f"{label}: cannot open: {exc.strerror}") from None
     try:
-        with handle, Image.open(handle) as image:
+        with handle, warnings.catch_warnings(), Image.open(handle) as image:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(f"{label}: {width}x{height} = {width * height} pixels is over the "
+                                         f"limit of {max_pixels}")
             if draft_size is not None and image.format == "JPEG":
                 image.draft("RGB", draft_size)
             image.seek(0)
