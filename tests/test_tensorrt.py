@@ -578,3 +578,19 @@ def test_simulated_pipeline_formats(simulated_tensorrt, sample_model, sample_car
     config = (tmp_path / "repo" / "digits_trt" / "config.pbtxt").read_text("utf-8")
     assert 'platform: "tensorrt_plan"' in config and "max_batch_size: 8" in config and "KIND_GPU" in config
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.card.json", "repo"]
+
+
+def test_info_reads_engine_facts_from_the_sidecar_card_without_tensorrt(tmp_path, sample_card):
+    """`toolkit info` on an engine needs no GPU: everything it shows comes from the sidecar card."""
+    from toolkit.artifact_info import describe_artifact
+    from toolkit.card import sidecar_path
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"\x00" * 64)
+    facts = {"version": "10.9.0", "gpu": "NVIDIA H100", "compute_capability": "9.0", "precision": "fp16",
+             "profile": {"min": 1, "opt": 8, "max": 32}}
+    sample_card.replace(extra={"tensorrt": facts}).save(sidecar_path(engine))
+    info = describe_artifact(engine)
+    assert (info["tensorrt_version"], info["gpu"], info["compute_capability"], info["precision"]) == (
+        "10.9.0", "NVIDIA H100", "9.0", "fp16")
+    assert info["profile"] == {"min": 1, "opt": 8, "max": 32}

@@ -78,10 +78,10 @@ def _tensorrt_facts(path: Path) -> dict[str, Any]:
     card = load_sidecar(path)
     if card is None:
         raise ModelFormatError(f"{path}: no sidecar card {path.name}.card.json beside the engine")
-    extra = dict(card.extra)
-    return {"card": card.to_dict(), "precision": extra.get("precision", "?"),
-            "tensorrt_version": extra.get("tensorrt_version"), "gpu": extra.get("gpu_name"),
-            "compute_capability": extra.get("compute_capability"), "profile": extra.get("profile"),
+    engine = dict(card.extra.get("tensorrt") or {})  # written by export/tensorrt.py
+    return {"card": card.to_dict(), "precision": engine.get("precision", "?"),
+            "tensorrt_version": engine.get("version"), "gpu": engine.get("gpu"),
+            "compute_capability": engine.get("compute_capability"), "profile": engine.get("profile"),
             "inputs": [{"name": "input", "shape": ["batch", *card.input_size], "dtype": "float32"}],
             "outputs": [{"name": "logits", "shape": ["batch", card.num_classes], "dtype": "float32"}]}
 
