@@ -134,6 +134,7 @@ def main() -> None:
     from export.pipeline import run_export
     from toolkit.data import load_cifar
     from toolkit.evaluate import evaluate
+    from toolkit.preprocess import preprocess
     from toolkit.runtime.registry import open_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,6 +152,11 @@ def main() -> None:
             artifacts[precision] = result.path
             print(f"exported ONNX {precision} in {time.perf_counter() - began:.1f} s")
 
+        tutorial_ips = 0.0
+        if not args.no_tutorial:
+            tutorial_ips, _ = tutorial_loop(checkpoint, root, args.batch_size)
+            print(f"tutorial loop (torchvision CIFAR10 + DataLoader(num_workers=2) + ToTensor + Normalize + "
+                  f"eager): {tutorial_ips:,.0f} img/s")
         print(f"\nCIFAR ResNet-56 (random init, BN stats re-estimated), {len(data)} CIFAR-10-format images, "
               f"batch {args.batch_size}")
         print(f"{'backend':18s} {'end-to-end img/s':>17s} {'model-only img/s':>17s} {'ratio':>6s} "
@@ -160,25 +166,21 @@ def main() -> None:
             backend, _, precision = name.partition("-")
             path = artifacts["torch"] if backend == "torch" else artifacts[precision]
             with open_model(path, backend=backend) as runner:
-                batch = np.ascontiguousarray(
-                    __import__("toolkit.preprocess", fromlist=["preprocess"]).preprocess(
-                        data.images[:args.batch_size], runner.card))
+                batch = preprocess(data.images[:args.batch_size], runner.card)
                 before = model_only(runner, batch, min_images=min(len(data), 4 * args.batch_size))
                 report = evaluate(runner, data, batch_size=args.batch_size)
                 after = model_only(runner, batch, min_images=min(len(data), 4 * args.batch_size))
                 alone = max(before, after)  # the machine is shared: compare against the better of two
             ratio = report.images_per_second / alone
             print(f"{name:18s} {report.images_per_second:17,.0f} {alone:17,.0f} {ratio:6.2f} "
-                  f"{report.model_images_per_second:20,.0f}  {'MET' if ratio >= 0.9 else 'NOT MET'}")
+                  f"{report.model_images_per_second:20,.0f}  {'MET' if ratio >= 0.9 else 'NOT MET'}"
+                  + (f"   {report.images_per_second / tutorial_ips:.2f}x tutorial" if tutorial_ips else ""), flush=True)
             if report.images_per_second > best[1]:
                 best = (name, report.images_per_second)
 
-        if not args.no_tutorial:
-            tutorial_ips, _ = tutorial_loop(checkpoint, root, args.batch_size)
+        if best[0] and tutorial_ips:
             speedup = best[1] / tutorial_ips
-            print(f"\ntutorial loop (torchvision CIFAR10 + DataLoader(num_workers=2) + ToTensor + Normalize + "
-                  f"eager): {tutorial_ips:,.0f} img/s")
-            print(f"fastest toolkit backend: {best[0]} {best[1]:,.0f} img/s end-to-end = {speedup:.2f}x the "
+            print(f"\nfastest toolkit backend: {best[0]} {best[1]:,.0f} img/s end-to-end = {speedup:.2f}x the "
                   f"tutorial loop  target >= 3x: {'MET' if speedup >= 3 else 'NOT MET'}")
 
 
