@@ -27,5 +27,7 @@ step "4. Predict arbitrary image files" \
   "$TOOLKIT" predict -m "$OUT/resnet20_digits.onnx" toolkit/sample/images --top-k 3
 step "5. What is inside an artifact" \
   "$TOOLKIT" info -m "$OUT/resnet20_digits.int8.onnx"
+printf '\n\033[1;36m== 6. Serve it over HTTP (Open Inference Protocol v2 + /predict), then stop it\033[0m\n'
+"$(dirname "$TOOLKIT")/python" scripts/demo_serve.py "$TOOLKIT" "$OUT/resnet20_digits.onnx" toolkit/sample/images/digit_7.png
 printf '\n\033[1;32mDemo finished.\033[0m Reports: %s/eval-onnx/report.html, %s/eval-int8/report.html\n' "$OUT" "$OUT"
-printf 'Serve it: %s serve -m %s/resnet20_digits.onnx   (then open http://127.0.0.1:8000/)\n' "$TOOLKIT" "$OUT"
+printf 'Serve it yourself: %s serve -m %s/resnet20_digits.onnx, then open http://127.0.0.1:8000/\n' "$TOOLKIT" "$OUT"

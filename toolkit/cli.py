@@ -480,33 +480,9 @@ def info(model: ModelOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         print_json(facts)
         return
-    from rich.markup import escape
-    from rich.table import Table
+    from .report import render_info
 
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="dim")
-    table.add_column()
-    card = facts.get("card") or {}
-    names = card.get("class_names", [])
-
-    def shapes(key: str) -> str:
-        return ", ".join(f"{t['name']} {t['shape']} {t['dtype']}" for t in facts.get(key, []))
-
-    rows = [
-        ("path", facts.get("path")), ("format", facts.get("format")), ("precision", facts.get("precision")),
-        ("architecture", card.get("arch")), ("inputs", shapes("inputs")), ("outputs", shapes("outputs")),
-        ("opset", facts.get("opset")), ("TensorRT", facts.get("tensorrt_version")), ("GPU", facts.get("gpu")),
-        ("producer", facts.get("producer")), ("calibration", facts.get("calibration")),
-        ("classes", f"{len(names)}: " + ", ".join(names[:10]) + (" …" if len(names) > 10 else "") if names else None),
-        ("preprocess", f"resize {card.get('resize_size')} ({card.get('interpolation')}), crop {card.get('input_size')}, "
-                       f"mean {card.get('mean')}, std {card.get('std')}" if card else None),
-        ("source sha256", (card.get("source_sha256") or "")[:16] or None),
-        ("size", f"{facts['size_bytes'] / 1e6:.2f} MB" if "size_bytes" in facts else None),
-    ]
-    for label, value in rows:
-        if value not in (None, ""):
-            table.add_row(label, escape(str(value)))
-    console().print(table)
+    render_info(facts, console())
 
 
 def main() -> None:

@@ -21,27 +21,51 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .card import ModelCard
     from .evaluate import EvalReport
     from .validate import ValidationReport
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow"}
 
 
-def render_validation(report: ValidationReport, console: Any) -> None:
+def _print_facts(rows: Iterable[tuple[str, Any]], console: Any) -> None:
+    """A two-column label/value table; empty values are left out, user text is escaped."""
     from rich.markup import escape
     from rich.table import Table
 
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="dim", no_wrap=True)
+    table.add_column()
+    for label, value in rows:
+        if value not in (None, ""):
+            table.add_row(label, escape(str(value)))
+    console.print(table)
+
+
+def _triple(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
+
+
+def card_rows(card: ModelCard) -> list[tuple[str, Any]]:
+    """What a person wants to know of a card: classes and exactly how inputs are prepared."""
+    names = card.class_names
+    return [
+        ("classes", f"{card.num_classes}: " + ", ".join(names[:10]) + (" …" if len(names) > 10 else "")),
+        ("preprocess", f"resize {card.resize_size} ({card.interpolation}), centre crop "
+                       f"{card.height}x{card.width}, mean {_triple(card.mean)}, std {_triple(card.std)}"),
+    ]
+
+
+def render_validation(report: ValidationReport, console: Any) -> None:
+    from rich.markup import escape
+
     verdict = "[bold green]VALID[/]" if report.valid else "[bold red]INVALID[/]"
     console.print(f"{verdict}  {escape(report.path)}")
-    facts = Table(show_header=False, box=None, pad_edge=False)
-    facts.add_column(style="dim")
-    facts.add_column()
     rows: list[tuple[str, Any]] = [
         ("architecture", report.arch),
         ("family / stem", f"{report.family} / {report.stem}"),
         ("depth", report.depth),
         ("shortcut", report.shortcut),
-        ("classes", report.num_classes),
         ("parameters", f"{report.parameters / 1e6:.2f}M" if report.parameters else None),
         ("stored as", ", ".join(filter(None, [
             f"under '{report.wrapper}'" if report.wrapper else "plain state_dict",
@@ -50,21 +74,36 @@ def render_validation(report: ValidationReport, console: Any) -> None:
         ]))),
         ("sha256", report.sha256[:16] + "…" if report.sha256 else None),
     ]
-    if report.card is not None:
-        names = report.card.class_names
-        rows.append(("class names", ", ".join(names[:10]) + (" …" if len(names) > 10 else "")))
-        rows.append(("input", f"{report.card.input_size}, mean {report.card.mean}, std {report.card.std}"))
+    rows += card_rows(report.card) if report.card is not None else [("classes", report.num_classes)]
     if report.accuracy is not None:
         rows.append(("accuracy", f"{report.accuracy:.4f} top-1 on {report.accuracy_samples} images"))
-    for label, value in rows:
-        if value not in (None, ""):
-            facts.add_row(label, escape(str(value)))
-    console.print(facts)
+    _print_facts(rows, console)
     if not report.problems:
         console.print("[green]no problems found[/]")
     for problem in report.problems:
         style = SEVERITY_STYLE[problem.severity]
         console.print(f"[{style}]{problem.severity}[/] [dim]{problem.code}[/]: {escape(problem.message)}")
+
+
+def render_info(facts: dict[str, Any], console: Any) -> None:
+    """`toolkit info`: the artifact's facts, then its card."""
+    from .card import ModelCard
+
+    def shapes(key: str) -> str:
+        return ", ".join(f"{t['name']} {t['shape']} {t['dtype']}" for t in facts.get(key, []))
+
+    card = ModelCard.from_dict(facts["card"]) if facts.get("card") else None
+    rows: list[tuple[str, Any]] = [
+        ("path", facts.get("path")), ("format", facts.get("format")), ("precision", facts.get("precision")),
+        ("architecture", card.arch if card else None), ("inputs", shapes("inputs")), ("outputs", shapes("outputs")),
+        ("opset", facts.get("opset")), ("TensorRT", facts.get("tensorrt_version")), ("GPU", facts.get("gpu")),
+        ("compute capability", facts.get("compute_capability")), ("profile", facts.get("profile")),
+        ("producer", facts.get("producer")), ("calibration", facts.get("calibration")),
+        *(card_rows(card) if card else []),
+        ("source sha256", (card.source_sha256 or "")[:16] or None if card else None),
+        ("size", f"{facts['size_bytes'] / 1e6:.2f} MB" if "size_bytes" in facts else None),
+    ]
+    _print_facts(rows, console)
 
 
 # --- progress -------------------------------------------------------------------------------------
@@ -145,7 +184,8 @@ def render_predictions(results: Sequence[dict[str, Any]], console: Any) -> None:
     from rich.table import Table
 
     table = Table(show_edge=False, header_style="bold")
-    table.add_column("input", overflow="fold")
+    longest = max((len(str(r["input"])) for r in results), default=5)
+    table.add_column("input", overflow="fold", min_width=min(longest, 60))  # paths stay on one line
     table.add_column("prediction")
     table.add_column("probability", justify="right")
     table.add_column("runners-up", style="dim")
