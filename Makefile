@@ -29,8 +29,9 @@ demo: install
 test: install-test
 	$(PY) -m pytest -q
 
+# Not part of `make test`: timings belong in bench/, with ratios against baselines from the same run.
 bench: install-test
-	$(PY) bench/run_all.py
+	for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 clean:
 	rm -rf $(OUT) build dist *.egg-info

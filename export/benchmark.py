@@ -276,7 +276,7 @@ def _logger(enabled: bool) -> Any:
 
 def plot_benchmark(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     """Accuracy vs throughput, one labelled point per successful row (log-scale throughput)."""
-    from toolkit.report import _matplotlib, _save_figure
+    from toolkit.report import _matplotlib, save_figure
 
     plt = _matplotlib()
     if plt is None:
@@ -293,7 +293,4 @@ def plot_benchmark(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("accuracy vs throughput")
     ax.grid(True, alpha=0.3)
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)

@@ -218,13 +218,14 @@ def test_cli_export_triton_end_to_end(sample_model, sample_card, tmp_path):
                        verify_samples=64)
     assert first.ok and (repo / "digits_fp16" / "1" / "model.onnx").is_file()
     result = CliRunner().invoke(app, ["export", "-m", str(sample_model), "--format", "triton",
-                                      "-o", str(repo), "--opset", "17", "--verify-samples", "64"])
+                                      "-o", str(repo), "--opset", "17", "--verify-samples", "64",
+                                      "--name", "digits", "--max-batch", "16"])
     assert result.exit_code == 0, result.output
     assert "verify passed" in result.output
-    assert sorted(p.name for p in repo.iterdir()) == ["digits_fp16", "resnet20_digits"]  # both models served
-    config = _parse_config(repo / "resnet20_digits")
-    assert config.max_batch_size == 32 and config.output[0].label_filename == "labels.txt"
-    labels = (repo / "resnet20_digits" / "labels.txt").read_text("utf-8").split()
+    assert sorted(p.name for p in repo.iterdir()) == ["digits", "digits_fp16"]  # both models served
+    config = _parse_config(repo / "digits")
+    assert config.max_batch_size == 16 and config.output[0].label_filename == "labels.txt"
+    labels = (repo / "digits" / "labels.txt").read_text("utf-8").split()
     assert labels == list(sample_card.class_names)
     with open_model(repo / "digits_fp16") as runner:
         assert runner.precision == "fp16"

@@ -434,6 +434,11 @@ def export(
     min_agreement: Annotated[float, typer.Option(min=0, max=1, help="fp16/int8: least top-1 agreement.")] = 0.99,
     max_accuracy_drop: Annotated[float, typer.Option(min=0, help="fp16/int8: most accuracy lost (0-1).")] = 0.01,
     device: Annotated[str, typer.Option(help="cpu or cuda (TensorRT needs cuda).")] = "cpu",
+    max_batch: Annotated[Optional[int], typer.Option(min=1, help="TensorRT profile's largest batch and Triton's "
+                                                     "max_batch_size. Default: max(32, --batch-size).")] = None,
+    workspace_gb: Annotated[Optional[float], typer.Option(min=0.1, help="TensorRT builder memory pool (GiB).")] = None,
+    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache, read and updated.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Triton model name. Default: the checkpoint's stem.")] = None,
     arch: ArchOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
@@ -450,6 +455,8 @@ def export(
         calib_size=calib_size, calib_method=calib_method.value, do_verify=verify, verify_samples=verify_samples,
         tolerances=Tolerances(atol=atol, rtol=rtol, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop),
         device=device, arch=None if arch == "auto" else arch, allow_pickle=allow_pickle,
+        **{k: v for k, v in {"max_batch": max_batch, "workspace_gb": workspace_gb, "timing_cache": timing_cache,
+                             "name": name}.items() if v is not None},
     )
     if as_json:
         print_json(result.to_dict())

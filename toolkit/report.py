@@ -228,11 +228,15 @@ def _matplotlib() -> Any | None:
     return plt
 
 
-def _save_figure(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a PNG atomically and release the figure (pyplot keeps every open one alive)."""
     from .fileio import atomic_path
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        _matplotlib().close(fig)
     return path
 
 
@@ -260,10 +264,7 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion matrix")
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
 
 
 def plot_per_class_f1(per_class: Sequence[dict[str, Any]], path: Path) -> Path | None:
@@ -279,10 +280,7 @@ def plot_per_class_f1(per_class: Sequence[dict[str, Any]], path: Path) -> Path |
     ax.set_ylim(0, 1.0)
     ax.set_ylabel("F1")
     ax.set_title("per-class F1")
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
 
 
 def _html_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -6,27 +6,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..card import ModelCard
 from ..errors import DataError, ModelFormatError
-from .base import Runner
 from .metadata import TORCHSCRIPT_CARD_FILE, card_from_props, first_line
-from .torch_runner import torch_device
+from .torch_runner import TorchRunner, torch_device
 
 
-class TorchScriptRunner(Runner):
-    """A `torch.jit.ScriptModule` under `torch.inference_mode`."""
+class TorchScriptRunner(TorchRunner):
+    """A `torch.jit.ScriptModule`, run exactly as the eager reference is (same device handling and call)."""
 
     backend = "torchscript"
-
-    def __init__(self, module: Any, card: ModelCard, *, source: str, device: str = "cpu") -> None:
-        import torch
-
-        super().__init__(card, source=source, device=device)
-        self._torch = torch
-        self._device = torch_device(device)
-        self.module = module.eval()
 
     @classmethod
     def open(cls, path: str | Path, device: str = "cpu", **_: Any) -> TorchScriptRunner:
@@ -51,11 +41,5 @@ class TorchScriptRunner(Runner):
             raise ModelFormatError(f"{path}: its model card is unreadable: {exc}") from None
         return cls(module, card, source=str(path), device=device)
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        with torch.inference_mode():
-            out = self.module(torch.from_numpy(batch).to(self._device))
-        return out.float().cpu().numpy()
-
     def close(self) -> None:
-        self.module = None
+        self.model = None
