@@ -41,6 +41,15 @@ def sample_onnx_fp32(tmp_path_factory, sample_model):
 
 
 @pytest.fixture(scope="session")
+def sample_onnx_runner(sample_onnx_fp32):
+    """One ONNX Runtime session over the sample ONNX, shared by the tests that only call it."""
+    from toolkit.runtime.registry import open_model
+
+    with open_model(sample_onnx_fp32) as runner:
+        yield runner
+
+
+@pytest.fixture(scope="session")
 def sample_onnx_int8(tmp_path_factory, sample_onnx_fp32, sample_card):
     """Q/DQ int8 of the sample model (u8 activations, s8 per-channel weights), calibrated on the sample train split."""
     from export.quantize import quantize

@@ -8,7 +8,6 @@ import struct
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,15 +15,13 @@ from PIL import Image
 
 from toolkit.evaluate import PredictInput, gather_inputs, predict, softmax
 from toolkit.preprocess import preprocess
-from toolkit.runtime.registry import open_model
 
 N_DIGITS = 6
 
 
 @pytest.fixture(scope="module")
-def runner(sample_onnx_fp32):
-    with open_model(sample_onnx_fp32) as r:
-        yield r
+def runner(sample_onnx_runner):
+    return sample_onnx_runner
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,8 @@ from toolkit.runtime.remote_runner import RemoteRunner, _card_from_config, parse
 
 
 @pytest.fixture(scope="module")
-def local(sample_onnx_fp32):
-    from toolkit.runtime.registry import open_model
-
-    with open_model(sample_onnx_fp32) as runner:
-        yield runner
+def local(sample_onnx_runner):
+    return sample_onnx_runner
 
 
 @pytest.fixture(scope="module")

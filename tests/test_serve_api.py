@@ -22,11 +22,8 @@ MODEL = "digits"
 
 
 @pytest.fixture(scope="module")
-def runner(sample_onnx_fp32):
-    from toolkit.runtime.registry import open_model
-
-    with open_model(sample_onnx_fp32) as opened:
-        yield opened
+def runner(sample_onnx_runner):
+    return sample_onnx_runner
 
 
 @pytest.fixture(scope="module")
