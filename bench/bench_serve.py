@@ -256,7 +256,7 @@ def main() -> None:
     with open_model(onnx) as runner:
         base = offline(runner, runner.card, images)
         expected_top1 = runner(preprocess(images, runner.card)).argmax(1)
-    print(f"offline Runner (onnxruntime, ResNet-56 random weights): "
+    print("offline Runner (onnxruntime, ResNet-56 random weights): "
           + ", ".join(f"b{b}={v:.0f}" for b, v in base["per_batch"].items())
           + f" img/s; best {base['best_ips']:.0f} img/s; batch-1 p50 {base['batch1_p50_ms']:.2f} ms")
 

@@ -25,7 +25,6 @@ import numpy as np
 from toolkit.data import Dataset, load_dataset
 from toolkit.errors import ToolkitError, UsageError
 from toolkit.evaluate import align_dataset, evaluate
-from toolkit.preprocess import preprocess
 from toolkit.runtime.base import Runner
 from toolkit.runtime.metadata import first_line
 
