@@ -6,6 +6,7 @@ names are looked up once, so a call is one `session.run`. Never imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import importlib.util
 from pathlib import Path
@@ -80,10 +81,10 @@ class OnnxRuntimeRunner(Runner):
             raise ModelFormatError(f"ONNX file not found: {path}")
         providers = providers_for(device, ort.get_available_providers(), use_tensorrt)
         if device.startswith("cuda") and hasattr(ort, "preload_dlls"):
-            try:  # CUDA/cuDNN from the nvidia-* wheels torch brought, when they are installed
+            # CUDA/cuDNN from the nvidia-* wheels torch brought, when installed; best effort, since
+            # the provider check below reports what is missing
+            with contextlib.suppress(Exception):
                 ort.preload_dlls()
-            except Exception:  # noqa: BLE001 - best effort; the provider check below reports
-                pass
         try:
             session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
         except Exception as exc:  # ORT raises InvalidProtobuf, Fail, InvalidGraph, NotImplemented...

@@ -13,6 +13,7 @@ I/O follows the TensorRT 10 API: `set_input_shape`, `set_tensor_address`, `execu
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 from dataclasses import dataclass
@@ -306,10 +307,8 @@ class TensorRTRunner(Runner):
             self._runtime = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown may have torn down cuda-python
             self.close()
-        except Exception:
-            pass
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "tensorrt_version": self._env.version, "gpu": self._env.gpu_name,
