@@ -13,7 +13,7 @@ $(PY):
 
 # Re-install when pyproject.toml changes (stamp files).
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[plots]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
