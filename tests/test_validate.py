@@ -57,8 +57,15 @@ def test_human_summary_names_architecture(sample_model):
     assert "VALID" in result.stdout and "resnet20" in result.stdout and "no problems found" in result.stdout
 
 
-@pytest.mark.parametrize("arch, shortcut", [("resnet20", "B"), ("resnext29_32x4d", None), ("resnet18", None)])
-@pytest.mark.parametrize("wrapper", ["plain", "lightning", "dataparallel", "safetensors"])
+WRAPPED_CASES = [(arch, shortcut, wrapper)
+                 for arch, shortcut in (("resnet20", "B"), ("resnext29_32x4d", None), ("resnet18", None))
+                 for wrapper in ("plain", "lightning", "dataparallel", "safetensors")]
+# ImageNet-stem bottleneck nets end to end too (224x224 forward pass), in one wrapper each.
+WRAPPED_CASES += [pytest.param("resnet50", None, "dataparallel", marks=pytest.mark.slow),
+                  pytest.param("resnext50_32x4d", None, "lightning", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("arch, shortcut, wrapper", WRAPPED_CASES)
 def test_real_weights_in_wrappers_end_to_end(tmp_path, arch, shortcut, wrapper):
     model = build_model(arch, 10, shortcut=shortcut)
     for module in model.modules():  # pretend it was trained: non-default BN statistics
