@@ -13,11 +13,11 @@ $(PY):
 
 # Re-install when pyproject.toml changes (stamp files).
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[plots]'
+	$(PY) -m pip install -qq -e '.[plots]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install -qq -e '.[test]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
