@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import threading
@@ -27,11 +28,9 @@ def free_port() -> int:
 def wait_for(url: str, status: int = 200, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(httpx.HTTPError):  # not listening yet
             if httpx.get(url, timeout=2).status_code == status:
                 return
-        except httpx.HTTPError:
-            pass
         time.sleep(0.05)
     raise TimeoutError(f"{url} did not answer {status} within {timeout} s")
 

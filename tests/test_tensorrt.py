@@ -381,7 +381,7 @@ def _fake_tensorrt(version: str = "10.9.0"):
 
     class Builder:
         def __init__(self, logger):
-            pass
+            self.logger = logger
 
         create_network = staticmethod(Network)
         create_builder_config = staticmethod(Config)
@@ -456,7 +456,7 @@ def _fake_tensorrt(version: str = "10.9.0"):
 
     class Runtime:
         def __init__(self, logger):
-            pass
+            self.logger = logger
 
         def deserialize_cuda_engine(self, data):
             try:
