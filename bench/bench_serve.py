@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -169,11 +170,9 @@ def start_server(onnx: Path, port: int, max_batch_size: int) -> subprocess.Popen
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(httpx.HTTPError):  # not listening yet
             if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
                 return process
-        except httpx.HTTPError:
-            pass
         if process.poll() is not None:
             raise RuntimeError(process.stderr.read().decode() if process.stderr else "server died")
         time.sleep(0.1)
@@ -230,12 +229,10 @@ def main() -> None:
     parser.add_argument("--load-test", action="store_true", help="also run the malformed-request load test")
     args = parser.parse_args()
 
-    try:
+    with contextlib.suppress(ImportError):  # uvloop is optional: a faster client loop where installed
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
     from toolkit.data import load_sample
     from toolkit.preprocess import preprocess
     from toolkit.runtime.registry import open_model
