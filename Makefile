@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 TOOLKIT := $(VENV)/bin/toolkit
 OUT ?= demo-out
 
-.PHONY: demo test install install-test bench clean
+LINT_PATHS := toolkit export serve tests bench scripts
+
+.PHONY: demo test lint browser install install-test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +28,31 @@ install-test: $(VENV)/.installed-test
 demo: install
 	@bash scripts/demo.sh $(TOOLKIT) $(OUT)
 
-test: install-test
+# Lint first: ruff (rules and the 110-column limit in pyproject's [tool.ruff]) and mypy, non-strict, over
+# toolkit/ export/ serve/ ([tool.mypy]). Both must be clean.
+test: install-test browser lint
 	$(PY) -m pytest -q
+
+# Both run, so one pass reports everything; either finding fails the target.
+lint: install-test
+	@status=0; \
+	echo "ruff check $(LINT_PATHS)"; $(PY) -m ruff check $(LINT_PATHS) || status=1; \
+	echo "mypy (files in [tool.mypy])"; $(PY) -m mypy || status=1; \
+	exit $$status
+
+# The page test (tests/test_serve_page.py) drives Debian's chromium + chromium-driver: installed here once,
+# when missing, where apt-get can (as root, or with password-less sudo). Where it cannot, `make test` goes
+# on and that test skips with its reason.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then root=""; elif sudo -n true 2>/dev/null; then root="sudo -n"; \
+	else echo "note: chromium missing and no root to install it; the browser test will skip"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "note: chromium missing and no apt-get to install it; the browser test will skip"; exit 0; fi; \
+	echo "installing chromium + chromium-driver (apt-get) for the browser test"; \
+	{ $$root apt-get update -qq && $$root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		chromium chromium-driver; } >/dev/null \
+		|| echo "note: apt-get could not install chromium; the browser test will skip"
 
 # Not part of `make test`: timings belong in bench/, with ratios against baselines from the same run.
 bench: install-test

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import median, python, wall_times  # noqa: E402
+from _timing import median, python, wall_times
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import call_times, median  # noqa: E402
+from _timing import call_times, median
 
 
 def build(case: str):
@@ -84,7 +84,8 @@ def bench_case(case: str, iters: int) -> None:
         print(f"| {name} | {precision} | {speed:,.0f} | {speed / eager:.2f}x |")
     ort = {p: s for n, p, s in rows if n == "ONNX Runtime"}
     ov = {p: s for n, p, s in rows if n == "OpenVINO"}
-    print(f"\nint8/fp32: ONNX Runtime {ort['int8'] / ort['fp32']:.2f}x, OpenVINO {ov['int8'] / ov['fp32']:.2f}x")
+    print(f"\nint8/fp32: ONNX Runtime {ort['int8'] / ort['fp32']:.2f}x, "
+          f"OpenVINO {ov['int8'] / ov['fp32']:.2f}x")
 
 
 def main() -> None:

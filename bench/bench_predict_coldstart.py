@@ -62,7 +62,8 @@ def main() -> None:
     for label, (median, times) in results.items():
         print(f"  {label:20s} {median:6.3f} s   runs: {', '.join(f'{t:.2f}' for t in times)}")
     onnx, ckpt = results["onnx"][0], results["pytorch checkpoint"][0]
-    print(f"  onnx is {ckpt / onnx:.1f}x faster to first answer; torch imported on the onnx path: {torch_loaded}")
+    print(f"  onnx is {ckpt / onnx:.1f}x faster to first answer; "
+          f"torch imported on the onnx path: {torch_loaded}")
     print(f"  target onnx <= 1.0 s: {'MET' if onnx <= 1.0 else 'NOT MET'}")
 
 

@@ -61,7 +61,8 @@ def build_resnet56(path: Path) -> Path:
             model(torch.randn(64, 3, 32, 32))
     model.eval()
     values = preset("cifar10")
-    card = ModelCard(arch="resnet56", class_names=CIFAR10_CLASSES, input_size=(3, 32, 32), mean=values["mean"],
+    card = ModelCard(arch="resnet56", class_names=CIFAR10_CLASSES, input_size=(3, 32, 32),
+                     mean=values["mean"],
                      std=values["std"], resize_size=32, shortcut="A",
                      extra={"note": "random weights, benchmark only"})
     return export(model, card, path)
@@ -128,7 +129,7 @@ class Connection:
 
 async def load(port: int, jobs: list[tuple[str, str, bytes, dict[str, str], int | None]], concurrency: int
                ) -> tuple[float, list[float], list[tuple[int, bytes, int | None]]]:
-    """Run `jobs` with `concurrency` keep-alive connections -> (seconds, latencies, (status, body, expected))."""
+    """`jobs` on `concurrency` keep-alive connections -> (seconds, latencies, (status, body, expected))."""
     index = 0
     latencies: list[float] = []
     results: list[tuple[int, bytes, int | None]] = []
@@ -165,8 +166,10 @@ def free_port() -> int:
 def start_server(onnx: Path, port: int, max_batch_size: int) -> subprocess.Popen:
     import httpx
 
-    process = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", "-m", str(onnx), "--name", "r56",
-                                "--port", str(port), "--max-batch-size", str(max_batch_size), "--max-queue", "512"],
+    process = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", "-m", str(onnx),
+                                "--name", "r56",
+                                "--port", str(port), "--max-batch-size", str(max_batch_size),
+                                "--max-queue", "512"],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -196,37 +199,78 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def top1(body: bytes) -> int:
+    return int(json.loads(body)["predictions"][0]["top"][0]["index"])
+
+
 def pct(values: list[float], q: float) -> float:
     return 1000 * float(np.percentile(values, q))
 
 
 # --- malformed requests for the load test ------------------------------------------------------------
 
+def _zip_declaring(method: int, size: int, declared: int = 1000) -> bytes:
+    """A zip bomb: one member whose headers claim `declared` bytes while it inflates to `size` zeros."""
+    import struct
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=method) as archive:
+        archive.writestr("set/cat/a.png", bytes(size))
+    raw = bytearray(buffer.getvalue())
+    offset = zipfile.ZipFile(io.BytesIO(bytes(raw))).infolist()[0].header_offset
+    struct.pack_into("<I", raw, offset + 22, declared)
+    struct.pack_into("<I", raw, raw.rfind(b"PK\x01\x02") + 24, declared)
+    return bytes(raw)
+
+
 def malformed_jobs(png: bytes) -> list[tuple[str, str, bytes, dict[str, str], int | None]]:
+    """Client mistakes and attacks (issue 9): every one must be a 4xx, none may disturb the good requests."""
+    import zipfile
+
     from PIL import Image
 
     huge = io.BytesIO()
     Image.new("L", (9000, 9000)).save(huge, "PNG")
-    bad_shape = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 28, 28], "datatype": "FP32",
-                                        "data": [0.0] * (3 * 28 * 28)}]}).encode()
+
+    def infer(shape: object, data: object = None, **extra: object) -> bytes:
+        tensor = {"name": "input", "shape": shape, "datatype": "FP32",
+                  "data": [0.5] if data is None else data}
+        return json.dumps({"inputs": [tensor], **extra}).encode()
+
+    image = [0.5] * (3 * 32 * 32)
+    zip_type = {"Content-Type": "application/zip"}
     return [
         ("POST", "/predict", png[: len(png) // 2], {}, None),  # truncated PNG
         ("POST", "/predict", b"this is not an image", {}, None),
         ("POST", "/predict", huge.getvalue(), {}, None),  # 81 MP: over --max-pixels
         ("POST", "/predict", b"", {}, None),
         ("POST", "/predict", b"--x\r\n", {"Content-Type": "multipart/form-data; boundary=zz"}, None),
-        ("POST", "/v2/models/r56/infer", bad_shape, {}, None),
+        ("POST", "/v2/models/r56/infer", infer([1, 3, 28, 28], [0.0] * (3 * 28 * 28)), {}, None),
         ("POST", "/v2/models/r56/infer", b"{broken json", {}, None),
         ("POST", "/v2/models/nope/infer", b"{}", {}, None),
         ("GET", "/v2/models/nope", b"", {}, None),
+        ("GET", "/v2/models/nope/ready", b"", {}, None),
+        ("POST", "/v2/models/r56/infer", infer([10**20]), {}, None),
+        ("POST", "/v2/models/r56/infer", infer([2**62, 4]), {}, None),
+        ("POST", "/v2/models/r56/infer", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, None),
+        ("POST", "/v2/models/r56/infer", infer([1, 3, 32, 32], image, outputs=5), {}, None),
+        ("POST", "/v2/models/r56/infer", infer([1, 3, 32, 32], image, outputs=True), {}, None),
+        ("POST", "/evaluate", _zip_declaring(zipfile.ZIP_DEFLATED, 256 * 1024 * 1024), zip_type, None),
+        ("POST", "/evaluate", _zip_declaring(zipfile.ZIP_BZIP2, 64 * 1024 * 1024), zip_type, None),
+        ("GET", "/v2/health/live", b"", {"X-Big": "a" * (128 * 1024)}, None),  # over the 64 KB head: 431
     ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=1500, help="requests per concurrency-32 measurement")
     parser.add_argument("--onnx", type=Path, help="reuse this ResNet-56 ONNX instead of building one")
     parser.add_argument("--load-test", action="store_true", help="also run the malformed-request load test")
+    parser.add_argument("--load-rounds", type=int, default=3, help="load-test rounds")
+    parser.add_argument("--load-good", type=int, default=600, help="good requests per load-test round")
+    parser.add_argument("--load-bad", type=int, default=20, help="repeats of each hostile request per round")
     args = parser.parse_args()
 
     with contextlib.suppress(ImportError):  # uvloop is optional: a faster client loop where installed
@@ -269,7 +313,7 @@ def main() -> None:
             asyncio.run(load(port, jobs(200), 32))  # warm connections and caches
             seconds, lat32, res32 = asyncio.run(load(port, jobs(args.requests), 32))
             ips = args.requests / seconds
-            wrong = sum(1 for s, b, e in res32 if s != 200 or json.loads(b)["predictions"][0]["top"][0]["index"] != e)
+            wrong = sum(1 for s, b, e in res32 if s != 200 or top1(b) != e)
             line = (f"server {label}: c=32 {ips:.0f} img/s ({ips / base['best_ips']:.2f}x offline best), "
                     f"p50 {pct(lat32, 50):.1f} ms, p99 {pct(lat32, 99):.1f} ms, wrong/failed {wrong}")
             summary[f"ips_{max_batch}"] = ips
@@ -277,10 +321,11 @@ def main() -> None:
                 _, lat1, _ = asyncio.run(load(port, jobs(300), 1))
                 summary["c1_p50"] = pct(lat1, 50)
                 line += (f"; c=1 p50 {pct(lat1, 50):.2f} ms, p99 {pct(lat1, 99):.2f} ms "
-                         f"(Runner batch-1 {base['batch1_p50_ms']:.2f} ms: +{pct(lat1, 50) - base['batch1_p50_ms']:.2f} ms)")
+                         f"(Runner batch-1 {base['batch1_p50_ms']:.2f} ms: "
+                         f"+{pct(lat1, 50) - base['batch1_p50_ms']:.2f} ms)")
             print(line, flush=True)
             if args.load_test and max_batch == 32:
-                load_test(port, server, jobs, pngs[0])
+                load_test(port, server, jobs, pngs[0], args.load_rounds, args.load_good, args.load_bad)
         finally:
             code = stop_server(server)
             if code != 0:
@@ -290,28 +335,35 @@ def main() -> None:
           f"c=1 p50 - Runner batch-1 = {summary['c1_p50'] - base['batch1_p50_ms']:+.2f} ms (target <= +3)")
 
 
-def load_test(port: int, server: subprocess.Popen, jobs, png: bytes) -> None:
+def load_test(port: int, server: subprocess.Popen, jobs, png: bytes, rounds: int = 3, good: int = 600,
+              bad_repeats: int = 20) -> None:
     bad = malformed_jobs(png)
     rss = [rss_mb(server.pid)]
-    totals = {"good": 0, "wrong": 0, "bad": 0, "5xx": 0, "bad_not_4xx": 0}
-    for _ in range(3):
-        mixed = jobs(600) + bad * 20
+    totals = {"good": 0, "wrong": 0, "bad": 0, "5xx": 0, "bad_not_4xx": 0, "bad_closed": 0}
+    for _ in range(rounds):
+        mixed = jobs(good) + bad * bad_repeats
         random.Random(0).shuffle(mixed)
         _, _, results = asyncio.run(load(port, mixed, 32))
         for status, body, expected in results:
-            if status >= 500 or status < 0:
-                totals["5xx"] += 1
             if expected is None:
                 totals["bad"] += 1
+                if status < 0:  # the server closed a hostile connection (the 128 KB head) unanswered
+                    totals["bad_closed"] += 1
+                    continue
                 totals["bad_not_4xx"] += not 400 <= status < 500
+                totals["5xx"] += status >= 500
             else:
                 totals["good"] += 1
-                totals["wrong"] += status != 200 or json.loads(body)["predictions"][0]["top"][0]["index"] != expected
+                totals["5xx"] += status >= 500 or status < 0
+                totals["wrong"] += status != 200 or top1(body) != expected
         rss.append(rss_mb(server.pid))
     alive = server.poll() is None
-    print(f"load test: {totals['good']} good requests ({totals['wrong']} wrong answers), {totals['bad']} malformed "
-          f"({totals['bad_not_4xx']} not 4xx), {totals['5xx']} 5xx; process alive: {alive}; "
-          f"RSS MB after warm-up and each of 3 rounds: {', '.join(f'{v:.0f}' for v in rss)}", flush=True)
+    print(f"load test: {totals['good']} good requests ({totals['wrong']} wrong or lost answers), "
+          f"{totals['bad']} hostile ({totals['bad_not_4xx']} answered but not 4xx, "
+          f"{totals['bad_closed']} closed unanswered), "
+          f"{totals['5xx']} 5xx or lost; process alive: {alive}; "
+          f"RSS MB after warm-up and each of {rounds} rounds: {', '.join(f'{v:.0f}' for v in rss)}",
+          flush=True)
 
 
 if __name__ == "__main__":

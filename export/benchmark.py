@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 
 from toolkit.data import Dataset, load_dataset
-from toolkit.errors import ToolkitError, UsageError
+from toolkit.errors import ToolkitError, UsageError, first_line
 from toolkit.evaluate import align_dataset, evaluate
 from toolkit.runtime.base import Runner
-from toolkit.runtime.metadata import first_line
 
 FORMATS = ("torch", "torchscript", "onnx", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -187,8 +186,13 @@ def _row(variant: Variant, checkpoint: str, artifacts: _Artifacts, data: Dataset
         if reference is not None:
             row["agreement"] = float((row["predictions"] == reference["predictions"]).mean())
             row["speedup"] = row["throughput"] / reference["throughput"] if reference.get("throughput") else None
+            # McNemar's exact test: is the accuracy gap to the fp32 reference more than noise?
+            from toolkit.compare import mcnemar_exact
+
+            row["mcnemar_p"] = mcnemar_exact(reference["predictions"] == report.labels,
+                                             row["predictions"] == report.labels).p_value
         else:
-            row["agreement"], row["speedup"] = 1.0, 1.0
+            row["agreement"], row["speedup"], row["mcnemar_p"] = 1.0, 1.0, None
     except (ToolkitError, Exception) as exc:  # noqa: BLE001 - one failing row must not stop the others
         row["status"] = "skipped" if isinstance(exc, UsageError) and variant.backend == "tensorrt" else "failed"
         row["error"] = first_line(exc, 300)

@@ -1,6 +1,7 @@
 """ONNX: dynamo exporter (opset >= 18) with the legacy exporter as fallback, onnxslim, full check.
 
-The card travels in `metadata_props["toolkit.card"]`, the precision in `["toolkit.precision"]`.
+The card travels in `metadata_props["toolkit.card"]`, the artifact facts (precision, exporter,
+calibration, I/O) in `["toolkit.artifact"]` (toolkit/artifacts.py).
 fp16 files hold fp16 weights and activations behind fp32 inputs/outputs (Cast nodes at the edges),
 so every runner feeds them the same float32 batches. Models over 2 GB keep weights in
 `<name>.onnx.data` beside the file. Every write lands atomically after `onnx.checker` passed.
@@ -17,10 +18,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from toolkit.artifacts import PRECISIONS, ArtifactFacts, onnx_metadata, onnx_tensor
 from toolkit.card import ModelCard
-from toolkit.errors import ExportError, UsageError
+from toolkit.errors import ExportError, UsageError, first_line
 from toolkit.fileio import atomic_path
-from toolkit.runtime.metadata import ONNX_CARD_KEY, ONNX_PRECISION_KEY, first_line
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 DEFAULT_OPSET = 18
@@ -74,7 +75,9 @@ def to_proto(model: Any, card: ModelCard, *, opset: int = DEFAULT_OPSET, dynamic
     model = model.eval()
     # A dynamic export traces at batch 2: batch 1 would let torch.export specialise the dimension.
     example = torch.randn(2 if dynamic else batch_size, *card.input_size)
-    attempts = [("dynamo", _dynamo), ("legacy", _legacy)] if opset >= DYNAMO_MIN_OPSET else [("legacy", _legacy)]
+    attempts = [("dynamo", _dynamo), ("legacy", _legacy)]
+    if opset < DYNAMO_MIN_OPSET:
+        attempts = attempts[1:]
     errors = []
     for name, exporter in attempts:
         try:
@@ -130,9 +133,25 @@ def topological_sort(proto: Any) -> Any:
     return proto
 
 
-def set_metadata(proto: Any, card: ModelCard, precision: str) -> Any:
-    entries = {p.key: p.value for p in proto.metadata_props}
-    entries.update({ONNX_CARD_KEY: card.to_json(), ONNX_PRECISION_KEY: precision})
+def facts_of(proto: Any, precision: str, *, exporter: str | None = None,
+             calibration: str | None = None) -> ArtifactFacts:
+    """The facts of an ONNX graph about to be written: its I/O and opset, and how it was made."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    initializers = {t.name for t in proto.graph.initializer}
+    return ArtifactFacts(
+        "onnx", precision=precision, exporter=exporter, calibration=calibration,
+        inputs=tuple(onnx_tensor(v) for v in proto.graph.input if v.name not in initializers),
+        outputs=tuple(onnx_tensor(v) for v in proto.graph.output),
+        opset=next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+    )
+
+
+def set_metadata(proto: Any, card: ModelCard, facts: ArtifactFacts) -> Any:
+    """Stamp card and facts; other metadata stays, the pre-facts `toolkit.precision` key goes."""
+    entries = {p.key: p.value for p in proto.metadata_props
+               if p.key not in ("toolkit.precision", "toolkit.calibration")}
+    entries.update(onnx_metadata(card, facts))
     del proto.metadata_props[:]
     for key, value in entries.items():
         proto.metadata_props.add(key=key, value=value)
@@ -149,12 +168,12 @@ def _check(path: Path) -> None:
         raise ExportError(f"the exported ONNX fails onnx.checker: {first_line(exc)}") from None
 
 
-def save(proto: Any, card: ModelCard, output: str | Path, precision: str) -> Path:
-    """Stamp the card, check, and write atomically (with `<name>.data` when over 2 GB)."""
+def save(proto: Any, card: ModelCard, output: str | Path, facts: ArtifactFacts) -> Path:
+    """Stamp card and facts, check, and write atomically (with `<name>.data` when over 2 GB)."""
     import onnx
 
     output = Path(output)
-    set_metadata(proto, card, precision)
+    set_metadata(proto, card, facts)
     if proto.ByteSize() < EXTERNAL_DATA_BYTES:
         with atomic_path(output) as tmp:
             onnx.save_model(proto, str(tmp))
@@ -167,8 +186,8 @@ def save(proto: Any, card: ModelCard, output: str | Path, precision: str) -> Pat
     except OSError as exc:
         raise ExportError(f"cannot write to {output.parent}: {exc.strerror}") from None
     try:
-        onnx.save_model(proto, str(staging / output.name), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        onnx.save_model(proto, str(staging / output.name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
         _check(staging / output.name)
         os.replace(staging / data_name, output.parent / data_name)
         os.replace(staging / output.name, output)
@@ -184,8 +203,8 @@ def export(model: Any, card: ModelCard, output: str | Path, opset: int = DEFAULT
         raise UsageError("int8 ONNX needs calibration images: use export.quantize (CLI: --calib-dataset)")
     if precision not in ("fp32", "fp16"):
         raise UsageError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
-    proto, _ = to_proto(model, card, opset=opset, dynamic=dynamic, batch_size=batch_size)
+    proto, exporter = to_proto(model, card, opset=opset, dynamic=dynamic, batch_size=batch_size)
     proto = simplify(proto)
     if precision == "fp16":
         proto = to_fp16(proto)
-    return save(proto, card, output, precision)
+    return save(proto, card, output, facts_of(proto, precision, exporter=f"torch.onnx {exporter}"))

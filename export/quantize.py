@@ -14,26 +14,21 @@ import io
 import logging
 import shutil
 import tempfile
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from toolkit.artifacts import onnx_facts, onnx_header
 from toolkit.card import ModelCard
 from toolkit.data import Dataset
-from toolkit.errors import ExportError, UsageError
-from toolkit.runtime.metadata import first_line
+from toolkit.errors import ExportError, UsageError, first_line
+from toolkit.names import CALIB_METHODS
 
 from . import onnx as onnx_export
 
 DEFAULT_CALIB_SIZE = 512
-
-
-class CalibMethod(str, Enum):
-    minmax = "minmax"
-    entropy = "entropy"
-    percentile = "percentile"
+ACTIVATION_TYPES = ("u8", "s8")
 
 
 def select_calibration(dataset: Dataset, size: int = DEFAULT_CALIB_SIZE, seed: int = 0) -> Dataset:
@@ -46,7 +41,8 @@ def select_calibration(dataset: Dataset, size: int = DEFAULT_CALIB_SIZE, seed: i
     if dataset.labels is None:
         chosen = rng.permutation(len(dataset))[:size]
     else:  # round-robin over per-class shuffled queues: balanced until a class runs out
-        queues = [list(rng.permutation(np.flatnonzero(dataset.labels == c))) for c in np.unique(dataset.labels)]
+        queues = [list(rng.permutation(np.flatnonzero(dataset.labels == c)))
+                  for c in np.unique(dataset.labels)]
         chosen_list: list[int] = []
         while len(chosen_list) < min(size, len(dataset)):
             for queue in queues:
@@ -105,15 +101,16 @@ def quantize(fp32_onnx: str | Path, card: ModelCard, output: str | Path, dataset
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if dataset is None:
-        raise UsageError("int8 needs calibration images: pass --calib-dataset (cifar10, cifar100, folder with "
-                         "--data-dir, or sample)")
+        raise UsageError("int8 needs calibration images: pass --calib-dataset (cifar10, cifar100, folder "
+                         "with --data-dir, or sample)")
+    if method not in CALIB_METHODS:
+        raise UsageError(f"unknown calibration method {method!r}; "
+                         f"choose one of {', '.join(CALIB_METHODS)}")
+    if activations not in ACTIVATION_TYPES:
+        raise UsageError(f"activations must be one of {', '.join(ACTIVATION_TYPES)}, got {activations!r}")
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    if method not in methods:
-        raise UsageError(f"unknown calibration method {method!r}; choose one of {', '.join(methods)}")
     act_types = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
-    if activations not in act_types:
-        raise UsageError(f"activations must be u8 or s8, got {activations!r}")
     calib = select_calibration(dataset, calib_size, seed)
     work = Path(tempfile.mkdtemp(prefix="toolkit-quant-"))
     try:
@@ -137,10 +134,13 @@ def quantize(fp32_onnx: str | Path, card: ModelCard, output: str | Path, dataset
                 raise ExportError(f"int8 quantisation failed: {first_line(exc)}") from None
         import onnx
 
+        source = onnx_facts(onnx_header(fp32_onnx), Path(fp32_onnx))
         proto = onnx.load(str(quantized))
-        proto.metadata_props.add(key="toolkit.calibration", value=(
-            f"{calib.name}; method={method}; activations={activations}; weights=s8 per-channel; seed={seed}"))
-        return onnx_export.save(proto, card, output, "int8")
+        calibration = (f"{calib.name}; method={method}; activations={activations}; "
+                       f"weights=s8 per-channel; seed={seed}")
+        exporter = f"{source.exporter or 'onnx'} + onnxruntime.quantization (Q/DQ)"
+        facts = onnx_export.facts_of(proto, "int8", exporter=exporter, calibration=calibration)
+        return onnx_export.save(proto, card, output, facts)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,4 +1,4 @@
-"""ONNX -> TensorRT engine (TensorRT 10 and 11), with its card in a sidecar `<engine>.card.json`.
+"""ONNX -> TensorRT engine (TensorRT 10 and 11), with sidecars `<engine>.card.json` and `<engine>.facts.json`.
 
 Precision travels in the ONNX, never in builder flags: fp32, fp16 (fp16 weights and activations,
 fp32 I/O) or int8 as Q/DQ nodes. The network is created strongly typed, so TensorRT keeps exactly
@@ -19,31 +19,16 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from toolkit.artifacts import PRECISIONS, ArtifactFacts, TensorFacts, facts_path, onnx_facts, onnx_header
 from toolkit.card import ModelCard, sidecar_path
-from toolkit.errors import ExportError, ModelFormatError, UsageError
+from toolkit.errors import ExportError, ModelFormatError, UsageError, first_line
 from toolkit.fileio import atomic_path, atomic_write_bytes
-from toolkit.runtime.metadata import ONNX_PRECISION_KEY, PRECISIONS, first_line, onnx_props
 from toolkit.runtime.base import Runner
 from toolkit.runtime.tensorrt_runner import TensorRTEnvironment, tensorrt_environment, trt_logger
 
-from .pipeline import ExportJob, FormatSpec, build_onnx
+from .pipeline import ExportJob, FormatSpec, TensorRTOptions, build_onnx
 
 ENGINE_SUFFIXES = (".engine", ".plan")
-
-
-def onnx_precision(onnx_path: Path) -> str:
-    """fp32 | fp16 | int8 of an ONNX file: its `toolkit.precision` metadata, else read from the graph."""
-    import onnx
-
-    declared = onnx_props(onnx_path).get(ONNX_PRECISION_KEY)
-    if declared in PRECISIONS:
-        return declared
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    if any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node):
-        return "int8"
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
-        return "fp16"
-    return "fp32"
 
 
 def _dtype_name(trt: Any, dtype: Any) -> str:
@@ -107,9 +92,9 @@ def export(
     tf32: bool = False,
     device: str = "cuda",
 ) -> Path:
-    """Build `output` (.engine or .plan) from an ONNX file and write `output.card.json` beside it.
+    """Build `output` (.engine or .plan) from an ONNX file; its card and facts go beside it.
 
-    `precision` names the ONNX's precision for the card (default: read from the ONNX). A static-batch
+    `precision` names the ONNX's precision for the facts (default: the ONNX's own facts). A static-batch
     ONNX gets a profile fixed at its batch size. `timing_cache` is read if present and saved after.
     """
     onnx_path, output = Path(onnx_path), Path(output)
@@ -123,7 +108,8 @@ def export(
         raise ModelFormatError(f"ONNX file not found: {onnx_path}")
     if precision is not None and precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    precision = precision or onnx_precision(onnx_path)
+    source = onnx_facts(onnx_header(onnx_path), onnx_path)
+    precision = precision or source.precision
     env = tensorrt_environment(device, purpose="TensorRT export")
     trt = env.trt
 
@@ -155,22 +141,21 @@ def export(
     if serialized is None:
         raise ExportError(f"TensorRT {env.version} could not build an engine from {onnx_path.name} "
                           "(see the TensorRT messages above; a larger --workspace may help)")
-    facts = {
-        **env.facts(),
-        "precision": precision,
-        "strongly_typed": True,
-        "tf32": tf32,
-        "profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
-        "input": {"name": inp.name, "shape": list(in_shape), "dtype": _dtype_name(trt, inp.dtype)},
-        "output": {"name": out.name, "shape": list(out.shape), "dtype": _dtype_name(trt, out.dtype)},
-        "workspace_gb": workspace_gb,
-        "source_onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
-    }
-    engine_card = card.replace(extra={**card.extra, "tensorrt": facts})
+    facts = ArtifactFacts(
+        "tensorrt", precision=precision, **env.facts(),
+        inputs=(TensorFacts(inp.name, tuple(in_shape), _dtype_name(trt, inp.dtype)),),
+        outputs=(TensorFacts(out.name, tuple(out.shape), _dtype_name(trt, out.dtype)),),
+        opset=source.opset, exporter=f"tensorrt {env.version} from {source.exporter or 'onnx'}",
+        calibration=source.calibration, profile={"min": min_batch, "opt": opt_batch, "max": max_batch},
+        extra={"strongly_typed": True, "tf32": tf32, "workspace_gb": workspace_gb,
+               "source_onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest()},
+    )
     try:
         with atomic_path(output) as tmp:
             tmp.write_bytes(memoryview(serialized))
-            engine_card.save(sidecar_path(output))  # card first: the engine appears only with its card
+            # card and facts first: the engine appears only with them
+            card.save(sidecar_path(output))
+            facts.save(facts_path(output))
     except OSError as exc:
         raise ExportError(f"cannot write {output}: {exc.strerror or first_line(exc)}") from None
     if cache_path is not None:
@@ -186,15 +171,14 @@ def engine_options(job: ExportJob) -> dict[str, Any]:
     A static ONNX (--static --batch-size N) fixes the profile at N; a dynamic one gets 1..max, where
     max is `max_batch` (default the larger of 32 and --batch-size) and opt defaults to max.
     """
-    options = job.options
-    max_batch = int(options.get("max_batch") or max(32, job.batch_size))
-    return {"min_batch": int(options.get("min_batch") or 1), "opt_batch": options.get("opt_batch"),
-            "max_batch": max_batch, "workspace_gb": float(options.get("workspace_gb") or 4.0),
-            "timing_cache": options.get("timing_cache"), "tf32": bool(options.get("tf32", False))}
+    options = job.option(TensorRTOptions)
+    return {"min_batch": options.min_batch, "opt_batch": options.opt_batch,
+            "max_batch": options.max_batch or max(32, job.batch_size), "workspace_gb": options.workspace_gb,
+            "timing_cache": options.timing_cache, "tf32": options.tf32}
 
 
 def write_engine(job: ExportJob, path: Path) -> Path:
-    """ONNX of `job.precision` (fp32, fp16, or int8 Q/DQ), then the engine and its sidecar card at `path`."""
+    """ONNX of `job.precision` (fp32, fp16, or int8 Q/DQ), then the engine and its sidecars at `path`."""
     tensorrt_environment(job.device, purpose="TensorRT export")  # fail before the slow ONNX export
     onnx_tmp = path.with_name(f".{path.name}.onnx")
     try:
@@ -211,5 +195,5 @@ def open_engine(path: Path, job: ExportJob) -> Runner:
     return TensorRTRunner.open(path, device=job.device)
 
 
-FORMAT = FormatSpec(write_engine, open_engine, lambda p: ".engine" if p == "fp32" else f".{p}.engine",
-                    ("fp32", "fp16", "int8"))
+FORMAT = FormatSpec("tensorrt", write_engine, ("fp32", "fp16", "int8"), options=(TensorRTOptions,),
+                    uses_onnx=True, open_runner=open_engine)

@@ -19,28 +19,40 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit.card import ModelCard, load_sidecar, sidecar_path
+from toolkit.artifacts import (
+    ONNX_CARD_KEY,
+    ArtifactFacts,
+    TensorFacts,
+    facts_path,
+    onnx_header,
+    read_artifact,
+)
+from toolkit.card import ModelCard, sidecar_path
 from toolkit.errors import ExportError, ModelFormatError, UsageError
-from toolkit.runtime.metadata import ONNX_CARD_KEY, first_line, onnx_props
+from toolkit.fileio import atomic_directory, companions
 from toolkit.runtime.base import Runner
+from toolkit.runtime.registry import FORMATS as ARTIFACT_FORMATS
 from toolkit.v2 import CARD_PARAMETER
 
-from .pipeline import ExportJob, FormatSpec, build_onnx
+from .pipeline import ExportJob, FormatSpec, TensorRTOptions, build_onnx
 
 KINDS = ("KIND_CPU", "KIND_GPU")
-PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".plan": ("tensorrt_plan", "model.plan"),
-             ".engine": ("tensorrt_plan", "model.plan")}
+MODEL_FORMATS = ("onnx", "tensorrt")  # what a pipeline-built model folder serves
+# Triton's default model file per platform; which suffixes map to which platform is the registry's
+MODEL_FILES = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
+PLATFORMS = {suffix: (fmt.triton_platform, MODEL_FILES[fmt.triton_platform])
+             for fmt in ARTIFACT_FORMATS.values() if fmt.triton_platform in MODEL_FILES for suffix in fmt.suffixes}
 LABELS_FILE = "labels.txt"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# ONNX TensorProto element type -> Triton data_type
+# numpy dtype name (as ArtifactFacts records tensors) -> Triton data_type
 NUMPY_TO_TRITON = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
-ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 2: "TYPE_UINT8", 3: "TYPE_INT8",
-                  6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL", 16: "TYPE_BF16"}
+ONNX_TO_TRITON = {**NUMPY_TO_TRITON, "float64": "TYPE_FP64", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8",
+                  "int32": "TYPE_INT32", "int64": "TYPE_INT64", "bool": "TYPE_BOOL", "bfloat16": "TYPE_BF16"}
 
 
 def model_name(name: str | None, card: ModelCard) -> str:
@@ -54,45 +66,36 @@ def model_name(name: str | None, card: ModelCard) -> str:
 
 def _onnx_io(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(input, output) as {"name", "dtype", "shape"} from the ONNX graph; symbolic dims are -1."""
-    import onnx
+    header = onnx_header(path)
+    if len(header.inputs) != 1 or len(header.outputs) != 1:
+        raise ModelFormatError(f"{path}: expected one input and one output, found {len(header.inputs)} and "
+                               f"{len(header.outputs)}")
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf's errors vary with the damage
-        raise ModelFormatError(f"{path}: not a readable ONNX file ({first_line(exc)})") from None
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [v for v in model.graph.input if v.name not in initializers]
-    if len(inputs) != 1 or len(model.graph.output) != 1:
-        raise ModelFormatError(f"{path}: expected one input and one output, found {len(inputs)} and "
-                               f"{len(model.graph.output)}")
-
-    def describe(value: Any) -> dict[str, Any]:
-        tensor = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
-        if tensor.elem_type not in ONNX_TO_TRITON:
-            raise ModelFormatError(f"{path}: tensor {value.name} has ONNX element type {tensor.elem_type}, "
+    def describe(tensor: TensorFacts) -> dict[str, Any]:
+        if tensor.dtype not in ONNX_TO_TRITON:
+            raise ModelFormatError(f"{path}: tensor {tensor.name} has element type {tensor.dtype}, "
                                    "which Triton cannot carry")
-        return {"name": value.name, "dtype": ONNX_TO_TRITON[tensor.elem_type], "shape": dims}
+        dims = [d if isinstance(d, int) and d > 0 else -1 for d in tensor.shape]
+        return {"name": tensor.name, "dtype": ONNX_TO_TRITON[tensor.dtype], "shape": dims}
 
-    return describe(inputs[0]), describe(model.graph.output[0])
+    return describe(header.inputs[0]), describe(header.outputs[0])
 
 
-def _engine_io(engine_card: ModelCard, path: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
-    """(input, output, profile max batch) recorded by export.tensorrt in the engine's sidecar card."""
-    facts = engine_card.extra.get("tensorrt") or {}
+def _engine_io(facts: ArtifactFacts, path: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(input, output, profile max batch) recorded by export.tensorrt in the engine's facts."""
 
-    def describe(tensor: dict[str, Any]) -> dict[str, Any]:
-        dtype = NUMPY_TO_TRITON.get(str(tensor.get("dtype", "float32")))
+    def describe(tensor: TensorFacts) -> dict[str, Any]:
+        dtype = NUMPY_TO_TRITON.get(tensor.dtype)
         if dtype is None:
-            raise ModelFormatError(f"{path}: engine tensor {tensor['name']} is {tensor['dtype']}; "
+            raise ModelFormatError(f"{path}: engine tensor {tensor.name} is {tensor.dtype}; "
                                    "expected float32 or float16")
-        return {"name": str(tensor["name"]), "dtype": dtype, "shape": [int(d) for d in tensor["shape"]]}
+        shape = [d if isinstance(d, int) else -1 for d in tensor.shape]
+        return {"name": tensor.name, "dtype": dtype, "shape": shape}
 
-    try:
-        return describe(facts["input"]), describe(facts["output"]), int(facts["profile"]["max"])
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise ModelFormatError(f"{path}: its card lacks the engine's I/O and profile; rebuild it with "
-                               "toolkit export --format tensorrt") from None
+    if not facts.inputs or not facts.outputs or not facts.profile or "max" not in facts.profile:
+        raise ModelFormatError(f"{path}: its facts lack the engine's I/O and profile; rebuild it with "
+                               "toolkit export --format tensorrt")
+    return describe(facts.inputs[0]), describe(facts.outputs[0]), int(facts.profile["max"])
 
 
 def _dims(shape: Sequence[int], max_batch_size: int, what: str) -> list[int]:
@@ -186,23 +189,6 @@ def _external_data_files(path: Path) -> list[str]:
     return sorted(names)  # locations relative to the ONNX file, as the model names them
 
 
-def _replace_dir(built: Path, target: Path) -> None:
-    """Swap `built` into `target`; an existing target is removed only once the new one is in place."""
-    backup = None
-    if target.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        backup.rmdir()
-        os.rename(target, backup)
-    try:
-        os.rename(built, target)
-    except BaseException:
-        if backup is not None:
-            os.rename(backup, target)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def export(
     model_file: str | Path,
     repository: str | Path,
@@ -254,11 +240,8 @@ def export(
 
     extra_files: list[str] = []
     if is_engine:
-        engine_card = load_sidecar(model_file)
-        if engine_card is None:
-            raise ModelFormatError(f"{model_file}: its card {sidecar_path(model_file).name} is missing; "
-                                   "rebuild with toolkit export --format tensorrt")
-        inp, out, profile_max = _engine_io(engine_card, model_file)
+        engine_card, engine_facts = read_artifact(model_file, "tensorrt")
+        inp, out, profile_max = _engine_io(engine_facts, model_file)
         if max_batch_size > profile_max:
             raise UsageError(f"max_batch_size {max_batch_size} exceeds the engine's profile max batch "
                              f"{profile_max}")
@@ -266,7 +249,7 @@ def export(
     else:
         inp, out = _onnx_io(model_file)
         extra_files = _external_data_files(model_file)
-        embedded = onnx_props(model_file).get(ONNX_CARD_KEY)
+        embedded = onnx_header(model_file).props.get(ONNX_CARD_KEY)
         card_to_write = None if embedded else card
     labels_card = card_to_write or (ModelCard.from_json(embedded) if embedded else card)
     if any("\n" in c or "\r" in c for c in labels_card.class_names):
@@ -280,12 +263,7 @@ def export(
                          max_queue_delay_us=max_queue_delay_us, instance_count=instance_count, kind=kind,
                          card=labels_card)
 
-    try:
-        repository.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp.", dir=repository))
-    except OSError as exc:
-        raise ExportError(f"cannot write to {repository}: {exc.strerror or first_line(exc)}") from None
-    try:
+    with atomic_directory(repository / name) as staging:
         version_dir = staging / str(version)
         version_dir.mkdir()
         (staging / "config.pbtxt").write_text(config, "utf-8")
@@ -296,94 +274,80 @@ def export(
             shutil.copyfile(model_file.parent / location, version_dir / location)
         if card_to_write is not None:
             card_to_write.save(sidecar_path(version_dir / file_name))
-        for path in (staging, version_dir):
-            os.chmod(path, 0o755)  # mkdtemp makes 0700; a server usually runs as another user
-        _replace_dir(staging, repository / name)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        reason = exc.strerror or first_line(exc)
-        raise ExportError(f"cannot write the Triton model {repository / name}: {reason}") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if is_engine:  # the engine's facts travel with it (TensorRT version, GPU, profile, precision)
+            engine_facts.save(facts_path(version_dir / file_name))
+        os.chmod(version_dir, 0o755)  # a server usually runs as another user
     return repository / name
 
 
 # --- `toolkit export --format triton -o repo/`: the pipeline's format entry --------------------
 
+@dataclass(frozen=True)
+class TritonOptions:
+    """The model folder's name and config; `model_format="tensorrt"` serves an engine (TensorRTOptions)."""
+
+    name: str | None = None  # default: the checkpoint's stem
+    model_format: str = "onnx"
+    max_batch: int | None = None  # default: max(32, --batch-size); an engine's profile max
+    kind: str | None = None  # KIND_CPU / KIND_GPU; default from the device and model format
+    preferred_batch_sizes: tuple[int, ...] | None = None
+    max_queue_delay_us: int = 500
+    instance_count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.model_format not in MODEL_FORMATS:
+            raise UsageError(f"Triton model format {self.model_format!r}: "
+                             f"choose {' or '.join(MODEL_FORMATS)}")
+        if self.kind is not None and self.kind not in KINDS:
+            raise UsageError(f"Triton kind {self.kind!r}: choose one of {', '.join(KINDS)}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise UsageError(f"--max-batch must be >= 1, got {self.max_batch}")
+
+
 def job_model_name(job: ExportJob) -> str:
-    """`options["name"]`, else the checkpoint's stem (resnet20_digits.pt -> resnet20_digits)."""
-    given = job.options.get("name")
+    """The `name` option, else the checkpoint's stem (resnet20_digits.pt -> resnet20_digits)."""
+    given = job.option(TritonOptions).name
     return model_name(given or re.sub(r"[^A-Za-z0-9_.-]+", "_", job.checkpoint.stem).lstrip("_.-") or None,
                       job.card)
 
 
-def _keep_other_models(job: ExportJob, staged_repository: Path, name: str) -> None:
-    """The pipeline swaps the whole repository folder into place; carry the other models across.
-
-    They are hard-linked (copied where links are impossible), so this is cheap and a running
-    server's files are never modified in place.
-    """
-    existing = job.output
-    if not existing.is_dir():
-        return
-    for entry in existing.iterdir():
-        if entry.name == name or entry.name.startswith("."):
-            continue
-        target = staged_repository / entry.name
-        if entry.is_dir():
-            shutil.copytree(entry, target, copy_function=_link_or_copy, symlinks=True)
-        else:
-            _link_or_copy(entry, target)
-
-
-def _link_or_copy(source: str | Path, target: str | Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
 def write_repository(job: ExportJob, path: Path) -> Path:
-    """`path` is the (staged) repository: the model directory goes inside it, built from the ONNX of
-    `job.precision` (or from a TensorRT engine with `options["model_format"] = "tensorrt"`)."""
-    name = job_model_name(job)
-    model_format = job.options.get("model_format", "onnx")
-    if model_format not in ("onnx", "tensorrt"):
-        raise UsageError(f"Triton model format {model_format!r}: choose onnx or tensorrt")
-    path.mkdir(parents=True, exist_ok=True)
-    source = path.with_name(f".{path.name}.model" + (".engine" if model_format == "tensorrt" else ".onnx"))
+    """The model folder at `path` (staged; its name is the model's name), built from the ONNX of
+    `job.precision`, or from a TensorRT engine with `TritonOptions(model_format="tensorrt")`.
+    The pipeline swaps it into the repository; nothing else there is touched."""
+    options = job.option(TritonOptions)
+    engine = options.model_format == "tensorrt"
+    source = path.with_name(f".{path.name}.model" + (".engine" if engine else ".onnx"))
     try:
-        if model_format == "tensorrt":
+        if engine:
             from . import tensorrt
 
             tensorrt.write_engine(job, source)
+            max_batch = _engine_io(read_artifact(source, "tensorrt")[1], source)[2]  # never above the profile
         else:
             build_onnx(job, source)
-        if model_format == "tensorrt":  # never more than the engine's profile allows
-            max_batch = _engine_io(load_sidecar(source) or job.card, source)[2]
-        elif _onnx_io(source)[0]["shape"][:1] == [-1]:
-            max_batch = int(job.options.get("max_batch") or max(32, job.batch_size))
-        else:  # a --static ONNX: Triton sends it whole batches of exactly that size
-            max_batch = 0
-        on_gpu = model_format == "tensorrt" or job.device.startswith("cuda")
-        kind = job.options.get("kind") or ("KIND_GPU" if on_gpu else "KIND_CPU")
-        _keep_other_models(job, path, name)
-        export(source, path, job.card, name=name, max_batch_size=max_batch, kind=kind,
-               preferred_batch_sizes=job.options.get("preferred_batch_sizes"),
-               max_queue_delay_us=int(job.options.get("max_queue_delay_us") or 500),
-               instance_count=int(job.options.get("instance_count") or 1))
+            if _onnx_io(source)[0]["shape"][:1] == [-1]:
+                max_batch = int(options.max_batch or max(32, job.batch_size))
+            else:  # a --static ONNX: Triton sends it whole batches of exactly that size
+                max_batch = 0
+        on_gpu = engine or job.device.startswith("cuda")
+        kind = options.kind or ("KIND_GPU" if on_gpu else "KIND_CPU")
+        export(source, path.parent, job.card, name=path.name, max_batch_size=max_batch, kind=kind,
+               preferred_batch_sizes=options.preferred_batch_sizes,
+               max_queue_delay_us=options.max_queue_delay_us, instance_count=options.instance_count)
     finally:
-        for leftover in (source, sidecar_path(source)):
-            leftover.unlink(missing_ok=True)  # everything else in staging is published beside the repository
+        for leftover in (source, *companions(source)):  # the pipeline publishes only the model folder
+            leftover.unlink(missing_ok=True)
     return path
 
 
-def open_repository_model(path: Path, job: ExportJob) -> Runner:
+def open_model_folder(path: Path, job: ExportJob) -> Runner:
     from toolkit.runtime.registry import open_model
 
-    return open_model(path / job_model_name(job), device=job.device)
+    return open_model(path, device=job.device)
 
 
-FORMAT = FormatSpec(write_repository, open_repository_model,
-                    lambda p: "_triton" if p == "fp32" else f"_triton_{p}", ("fp32", "fp16", "int8"))
+FORMAT = FormatSpec("triton", write_repository, ("fp32", "fp16", "int8"),
+                    options=(TritonOptions, TensorRTOptions), uses_onnx=True, model_folder=job_model_name,
+                    open_runner=open_model_folder,
+                    default_name=lambda p: "_triton" if p == "fp32" else f"_triton_{p}")

@@ -38,9 +38,11 @@ def main() -> None:
     batches = {"data_batch_1": (x_train, y_train), "test_batch": (x_test, y_test)}
     for name, (images, labels) in batches.items():
         payload = {b"batch_label": name.encode(), b"labels": [int(v) for v in labels],
-                   b"data": to_cifar_rows(images), b"filenames": [f"{name}_{i}.png".encode() for i in range(len(labels))]}
+                   b"data": to_cifar_rows(images),
+                   b"filenames": [f"{name}_{i}.png".encode() for i in range(len(labels))]}
         (OUT / name).write_bytes(pickle.dumps(payload, protocol=2))
-    meta = {b"label_names": [str(i).encode() for i in range(10)], b"num_cases_per_batch": len(y_train), b"num_vis": 3072}
+    meta = {b"label_names": [str(i).encode() for i in range(10)], b"num_cases_per_batch": len(y_train),
+            b"num_vis": 3072}
     (OUT / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     print(f"wrote {OUT}: {len(y_train)} train, {len(y_test)} test images")
 

@@ -62,7 +62,8 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             scheduler.step()
-        print(f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)", flush=True)
+        print(f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)",
+              flush=True)
 
     model.eval()
     with torch.inference_mode():
@@ -70,9 +71,8 @@ def main() -> None:
     accuracy = float((logits.argmax(1).numpy() == test.labels).mean())
     with atomic_path(OUT) as tmp:
         torch.save(model.state_dict(), tmp)
-    card.replace(source_sha256=file_sha256(OUT), extra={**card.extra, "test_accuracy": round(accuracy, 4)}).save(
-        sidecar_path(OUT)
-    )
+    extra = {**card.extra, "test_accuracy": round(accuracy, 4)}
+    card.replace(source_sha256=file_sha256(OUT), extra=extra).save(sidecar_path(OUT))
     print(f"test accuracy {accuracy:.4f} on {len(test)} images; wrote {OUT}")
 
 

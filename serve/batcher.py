@@ -16,25 +16,17 @@ import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import UsageError
 from toolkit.runtime.base import Runner
 
+from .errors import QueueFullError, QueueTimeoutError
 from .metrics import RequestTiming, Stats
 
-
-class QueueFullError(ToolkitError):
-    """The server has more waiting requests than `--max-queue` (503 with Retry-After)."""
-
-    http_status = 503
-
-
-class QueueTimeoutError(ToolkitError):
-    """The request waited longer than `--timeout-s` (504)."""
-
-    http_status = 504
+__all__ = ["BatchedRunner", "DynamicBatcher", "QueueFullError", "QueueTimeoutError"]
 
 
 @dataclass
@@ -60,7 +52,6 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="toolkit-runner")
-        self.busy = False
 
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -98,7 +89,7 @@ class DynamicBatcher:
         self._wakeup.set()
         try:
             return await asyncio.wait_for(asyncio.shield(item.future), self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if item in self._queue:
                 self._queue.remove(item)
                 self.stats.pending = len(self._queue)
@@ -134,11 +125,12 @@ class DynamicBatcher:
                 continue
             if self.max_delay_s > 0:
                 deadline = self._queue[0].enqueued + self.max_delay_s
-                while self._queued_images() < self.max_batch_size and (left := deadline - time.perf_counter()) > 0:
+                while (self._queued_images() < self.max_batch_size
+                       and (left := deadline - time.perf_counter()) > 0):
                     self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), left)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         break
             items = self._take()
             if not items:
@@ -146,18 +138,17 @@ class DynamicBatcher:
             started = time.perf_counter()
             for item in items:
                 item.timing.queue_s = started - item.enqueued
-            self.busy = True
             try:
-                logits, infer_s = await loop.run_in_executor(self._executor, self._run, [i.batch for i in items])
-            except BaseException as exc:  # noqa: BLE001 - every waiting request gets the error
+                batches = [i.batch for i in items]
+                logits, infer_s = await loop.run_in_executor(self._executor, self._run, batches)
+            except BaseException as exc:
                 for item in items:
                     if not item.future.done():
-                        item.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+                        error = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+                        item.future.set_exception(error)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
-            finally:
-                self.busy = False
             self.stats.record_batch(len(logits), infer_s)
             offset = 0
             for item in items:
@@ -188,6 +179,10 @@ class BatchedRunner(Runner):
         self.backend = inner.backend
         self._batcher = batcher
         self._loop = loop
+
+    @classmethod
+    def open(cls, path: Any, *, device: str = "cpu") -> Runner:
+        raise UsageError("a BatchedRunner wraps a running server's batcher; it is not opened from a file")
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         return asyncio.run_coroutine_threadsafe(self._batcher.infer(batch), self._loop).result()

@@ -20,6 +20,12 @@ class ServeConfig:
     max_body_mb: float = 16.0
     max_pixels: int = 50_000_000  # per image, checked from the header before decoding
     max_images: int = 256  # per /predict request
+    max_zip_ratio: int = 8  # /evaluate zips: bytes inflated <= this x the body limit (each member <= 1x)
+    max_header_kb: int = 64  # request line + headers; larger -> 431
+    header_timeout_s: float = 10.0  # the request line and headers must arrive within this -> else 408
+    body_timeout_s: float = 30.0  # the whole body must arrive within this -> else 408
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 512  # open connections; beyond -> 503 and closed at once
     api_key: str | None = None
     decode_workers: int = 2
     drain_timeout_s: float = 30.0
@@ -29,3 +35,7 @@ class ServeConfig:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_zip_bytes(self) -> int:
+        return self.max_zip_ratio * self.max_body_bytes

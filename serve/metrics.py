@@ -119,7 +119,8 @@ class Stats:
             lines.append(f'toolkit_inference_batch_size_bucket{{{labels},le="+Inf"}} {self.exec_count}')
             lines.append(f"toolkit_inference_batch_size_sum{{{labels}}} {self.inference_count}")
             lines.append(f"toolkit_inference_batch_size_count{{{labels}}} {self.exec_count}")
-            metric("toolkit_requests_in_flight", "gauge", "Requests being handled now", [(labels, self.in_flight)])
+            metric("toolkit_requests_in_flight", "gauge", "Requests being handled now",
+                   [(labels, self.in_flight)])
             metric("toolkit_http_responses", "counter", "HTTP responses by status code",
                    [(f'code="{code}"', n) for code, n in sorted(self.http_responses.items())])
         return "\n".join(lines) + "\n"

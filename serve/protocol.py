@@ -8,6 +8,7 @@ The card travels in the config's `parameters["toolkit.card"]`, so a client rebui
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
@@ -16,10 +17,19 @@ from toolkit import __version__
 from toolkit.card import ModelCard
 from toolkit.errors import InputError
 from toolkit.v2 import (
-    CARD_PARAMETER, INPUT_NAME, OUTPUT_NAME, InferRequest, ProtocolError, Tensor, classify, encode_response,
+    CARD_PARAMETER,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    InferRequest,
+    ProtocolError,
+    Tensor,
+    classify,
+    decode_request,
+    encode_response,
 )
 
 from .config import ServeConfig
+from .errors import PayloadTooLargeError, UnsupportedMediaError
 
 EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "model_repository", "statistics"]
 
@@ -57,28 +67,53 @@ def model_config(config: ServeConfig, card: ModelCard, backend: str) -> dict[str
                     "label_filename": "labels.txt"}],
         "dynamic_batching": {"max_queue_delay_microseconds": int(config.max_delay_ms * 1000),
                              "default_queue_policy": {"max_queue_size": config.max_queue,
-                                                      "default_timeout_microseconds": int(config.timeout_s * 1e6)}},
+                                                      "default_timeout_microseconds":
+                                                          int(config.timeout_s * 1e6)}},
         "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
         "parameters": {CARD_PARAMETER: {"string_value": card.to_json()}},
     }
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Content-Encoding gzip/deflate request bodies (tritonclient can send them), capped at `limit`."""
+    if not encoding or encoding.lower() == "identity":
+        return body
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding.lower())
+    if wbits is None:
+        raise UnsupportedMediaError(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+    decoder = zlib.decompressobj(wbits)
+    try:
+        out = decoder.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InputError(f"request body is not valid {encoding} ({exc})") from None
+    if len(out) > limit or decoder.unconsumed_tail:
+        raise PayloadTooLargeError(f"decompressed body is over the limit of {limit} bytes")
+    return out
+
+
+def parse_infer(body: bytes, header_length: str | None, encoding: str | None, card: ModelCard,
+                limit: int) -> tuple[InferRequest, np.ndarray]:
+    """A raw infer body -> (the parsed request, the model's float32 NCHW batch). No HTTP in here."""
+    request = decode_request(decompress(body, encoding, limit), header_length)
+    return request, input_batch(request, card)
 
 
 def input_batch(request: InferRequest, card: ModelCard) -> np.ndarray:
     """The one FP32 input as a float32 NCHW batch; anything else names what is expected."""
     expected = f"FP32 [N, {', '.join(map(str, card.input_size))}]"
     if len(request.inputs) != 1:
-        raise ProtocolError(f"expected exactly one input {INPUT_NAME!r} {expected}, got {len(request.inputs)}")
+        raise ProtocolError(f"expected exactly one input {INPUT_NAME!r} {expected}, "
+                            f"got {len(request.inputs)}")
     tensor = request.inputs[0]
     if tensor.name != INPUT_NAME:
         raise ProtocolError(f"unknown input {tensor.name!r}; expected {INPUT_NAME!r} {expected}")
     if tensor.datatype != "FP32":
         raise ProtocolError(f"input {INPUT_NAME!r} has datatype {tensor.datatype}; expected {expected}")
     shape = tuple(tensor.data.shape)
-    if len(shape) == 3 and shape == tuple(card.input_size):  # a single image without the batch dim
-        return np.ascontiguousarray(tensor.data, dtype=np.float32)[None]
-    if len(shape) != 4 or shape[1:] != tuple(card.input_size) or shape[0] < 1:
+    data = tensor.data[None] if len(shape) == 3 else tensor.data  # a single image without the batch dim
+    if data.ndim != 4 or tuple(data.shape[1:]) != tuple(card.input_size) or len(data) < 1:
         raise ProtocolError(f"input {INPUT_NAME!r} has shape {list(shape)}; expected {expected} with N >= 1")
-    data = np.ascontiguousarray(tensor.data, dtype=np.float32)
+    data = np.ascontiguousarray(data, dtype=np.float32)
     if not np.isfinite(data).all():
         raise InputError(f"input {INPUT_NAME!r} holds NaN or infinite values")
     return data
@@ -98,7 +133,8 @@ def infer_response(request: InferRequest, logits: np.ndarray, config: ServeConfi
     for out in wanted:
         binary = default_binary if out.binary is None else out.binary
         if out.classification:
-            outputs.append((Tensor(OUTPUT_NAME, classify(logits, out.classification, card.class_names)), binary))
+            strings = classify(logits, out.classification, card.class_names)
+            outputs.append((Tensor(OUTPUT_NAME, strings), binary))
         else:
             outputs.append((Tensor(OUTPUT_NAME, logits), binary))
     return encode_response(config.name, config.version, outputs, request.id)

@@ -3,7 +3,11 @@
 uvicorn's own handler stops listening at once; a load balancer then sees refused connections
 instead of a clean 503 and an honest readiness probe. Here the first SIGTERM/SIGINT only starts
 draining; the process exits (code 0) once no request is in flight, or after `drain_timeout_s`.
-A second signal exits immediately.
+A second signal exits immediately. A model whose warm-up fails stops the server: `serve` raises
+`ServeStartupError` with the reason (the CLI exits 1).
+
+The connection layer is `serve.connection` (h11 with header size/time limits and a connection
+cap); the request guard is `serve.guards`.
 """
 
 from __future__ import annotations
@@ -18,8 +22,12 @@ import uvicorn
 
 from toolkit.runtime.base import Runner
 
-from .app import ServerState, create_app, guarded
+from .app import create_app
 from .config import ServeConfig
+from .connection import protocol_for
+from .errors import ServeStartupError
+from .guards import guarded
+from .state import ServerState
 
 log = logging.getLogger("toolkit.serve")
 
@@ -28,6 +36,10 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self.state = state
+        state.on_fatal = self._stop
+
+    def _stop(self) -> None:
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         state = self.state
@@ -36,27 +48,37 @@ class DrainingServer(uvicorn.Server):
             self.force_exit = state.draining
             return
         state.draining = True
-        log.info("received %s: draining (%d requests in flight)", signal.Signals(sig).name, state.stats.in_flight)
+        log.info("received %s: draining (%d requests in flight)", signal.Signals(sig).name,
+                 state.stats.in_flight)
         state.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.state.config.drain_timeout_s
-        while self.state.stats.in_flight > 0 and time.monotonic() < deadline:
+        while self.state.stats.in_flight > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - a counter
             await asyncio.sleep(0.05)
         self.should_exit = True
 
 
-def uvicorn_config(runner: Runner, config: ServeConfig, **overrides: object) -> tuple[uvicorn.Config, ServerState]:
+def uvicorn_config(runner: Runner, config: ServeConfig,
+                   **overrides: object) -> tuple[uvicorn.Config, ServerState]:
     app = create_app(runner, config)
+    state: ServerState = app.state.toolkit
     options: dict[str, object] = {
         "host": config.host, "port": config.port, "log_level": "info", "access_log": False,
         "timeout_graceful_shutdown": config.drain_timeout_s, "lifespan": "on", "server_header": False,
+        "http": protocol_for(config), "timeout_keep_alive": config.keep_alive_s,
+        "h11_max_incomplete_event_size": config.max_header_kb * 1024,
     }
     options.update(overrides)
-    return uvicorn.Config(guarded(app), **options), app.state.toolkit  # type: ignore[arg-type]
+    return uvicorn.Config(guarded(app, state), **options), state  # type: ignore[arg-type]
 
 
 def serve(runner: Runner, config: ServeConfig, **overrides: object) -> None:
-    """Serve until SIGTERM/SIGINT, then drain. Blocks. The caller closes the runner afterwards."""
+    """Serve until SIGTERM/SIGINT, then drain. Blocks. The caller closes the runner afterwards.
+
+    Raises ServeStartupError when the model cannot be served (its warm-up failed).
+    """
     uv_config, state = uvicorn_config(runner, config, **overrides)
     DrainingServer(uv_config, state).run()
+    if state.warmup_error is not None:
+        raise ServeStartupError(f"cannot serve {config.name!r}: {state.warmup_error}")

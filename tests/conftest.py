@@ -9,6 +9,19 @@ import pytest
 from toolkit.cli import SAMPLE_MODEL
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`@pytest.mark.gpu` tests skip, with the reason, where CUDA is not usable (torch imported only then)."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+        for item in gpu_tests:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def sample_model() -> Path:
     """The committed CIFAR ResNet-20 trained on the sample digits (with its sidecar card)."""
@@ -51,9 +64,10 @@ def sample_onnx_runner(sample_onnx_fp32):
 
 @pytest.fixture(scope="session")
 def sample_onnx_int8(tmp_path_factory, sample_onnx_fp32, sample_card):
-    """Q/DQ int8 of the sample model (u8 activations, s8 per-channel weights), calibrated on the sample train split."""
+    """Q/DQ int8 of the sample model (u8 activations, s8 per-channel weights), calibrated on the sample
+    train split."""
     from export.quantize import quantize
     from toolkit.data import load_sample
 
-    return quantize(sample_onnx_fp32, sample_card, tmp_path_factory.mktemp("sample_int8") / "sample.int8.onnx",
-                    load_sample("train"), calib_size=256)
+    output = tmp_path_factory.mktemp("sample_int8") / "sample.int8.onnx"
+    return quantize(sample_onnx_fp32, sample_card, output, load_sample("train"), calib_size=256)

@@ -51,3 +51,22 @@ def test_torchvision_names_match_torchvision():
     ours = build_model("resnext50_32x4d", 10).state_dict()
     theirs = torchvision.models.resnext50_32x4d(num_classes=10).state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+
+
+def test_cifar_resnet_takes_plain_arguments_like_torchvision_resnet():
+    """CifarResNet(block, layers, num_classes, groups, width_per_group) knows nothing of the registry."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    from toolkit.cifar_nets import CifarResNet
+
+    with torch.device("meta"):
+        plain = CifarResNet(Bottleneck, [3, 3, 3], num_classes=7, shortcut="B", groups=32, width_per_group=4)
+        registered = build_model("resnext29_32x4d", 7)
+        resnet20 = CifarResNet(BasicBlock, (3, 3, 3), num_classes=10)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {
+        k: v.shape for k, v in registered.state_dict().items()}
+    assert n_params(resnet20) == pytest.approx(0.27, rel=0.02)  # option A by default, as in the paper
+    with pytest.raises(ValueError, match="three stages"):
+        CifarResNet(BasicBlock, [2, 2, 2, 2])
+    with pytest.raises(ValueError, match="shortcut"):
+        CifarResNet(BasicBlock, [3, 3, 3], shortcut="C")

@@ -9,6 +9,7 @@ from toolkit.card import (
     sidecar_path,
 )
 from toolkit.errors import DataError, UsageError
+from toolkit.card import CardError
 
 
 def test_round_trip_keeps_every_field(tmp_path):
@@ -74,5 +75,5 @@ def test_resolver_precedence_flag_over_card_over_preset_over_default():
 ])
 def test_invalid_cards_are_refused(changes, message):
     base = dict(arch="resnet20", class_names=("a",), input_size=(3, 32, 32), resize_size=32)
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(CardError, match=message):
         ModelCard(**{**base, **changes})

@@ -14,7 +14,7 @@ from sklearn.metrics import (
 )
 
 from toolkit.errors import InputError
-from toolkit.metrics import ConfusionMatrix, topk_hits
+from toolkit.metrics import Calibration, ConfusionMatrix, top_confusions, topk_hits
 
 TOL = 1e-9
 
@@ -157,3 +157,98 @@ def test_property_topk_matches_sklearn(n_classes, size, seed, coarse):
     for k in (3, 5):
         expected = top_k_accuracy_score(labels, scores, k=k, labels=np.arange(n_classes))
         assert abs(cm.topk_accuracy(k) - expected) <= TOL
+
+
+# --- calibration: ECE/MCE against torchmetrics, NLL/Brier against scikit-learn ----------------------
+
+def _logits(seed: int, n: int = 3000, classes: int = 10, scale: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits whose confidences spread over all 15 bins, and labels that agree with them ~60 % of the time."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, classes)) * rng.uniform(0.2, scale, size=(n, 1))
+    labels = np.where(rng.random(n) < 0.6, logits.argmax(1), rng.integers(0, classes, n))
+    return logits, labels
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ece_mce_match_torchmetrics(seed):
+    torch = pytest.importorskip("torch")
+    from torchmetrics.classification import MulticlassCalibrationError
+    from torchmetrics.functional.classification.calibration_error import _ce_compute
+
+    logits, labels = _logits(seed)
+    probs = _softmax(logits)
+    ours = Calibration(15).add_logits(labels, logits)
+    assert ours.num_samples == len(labels) and (ours.counts > 0).sum() >= 12  # the bins really are exercised
+    for norm, value in (("l1", ours.ece), ("max", ours.mce)):
+        # The public metric computes in float32: agreement to float32 precision.
+        metric = MulticlassCalibrationError(num_classes=10, n_bins=15, norm=norm)
+        reference = float(metric(torch.from_numpy(probs.astype(np.float32)), torch.from_numpy(labels)))
+        assert abs(value - reference) <= 2e-6, norm
+        # Its binning routine on float64 inputs: the same definition, to 1e-9.
+        confidences = torch.from_numpy(probs.max(1))
+        accuracies = torch.from_numpy((probs.argmax(1) == labels).astype(np.float64))
+        assert abs(value - float(_ce_compute(confidences, accuracies, 15, norm=norm))) <= TOL, norm
+
+
+def test_nll_and_brier_match_sklearn_and_the_formula():
+    from sklearn.metrics import brier_score_loss, log_loss
+
+    logits, labels = _logits(3, n=1000, classes=7)
+    probs = _softmax(logits)
+    ours = Calibration().add_logits(labels, logits)
+    assert abs(ours.nll - log_loss(labels, probs, labels=np.arange(7))) <= TOL
+    onehot = np.eye(7)[labels]
+    direct = float(((probs - onehot) ** 2).sum(1).mean())
+    assert abs(ours.brier - direct) <= TOL
+    assert abs(ours.brier - brier_score_loss(labels, probs, labels=np.arange(7))) <= TOL
+
+
+def test_calibration_merges_and_serialises():
+    logits, labels = _logits(4, n=500)
+    whole = Calibration().add_logits(labels, logits)
+    merged = Calibration()
+    for start in range(0, 500, 128):
+        merged = merged + Calibration().add_logits(labels[start:start + 128], logits[start:start + 128])
+    assert merged == whole
+    assert abs(merged.nll - whole.nll) <= TOL and abs(merged.brier - whole.brier) <= TOL
+    data = whole.to_dict()
+    assert set(data) >= {"ece", "mce", "nll", "brier", "n_bins", "bins"} and data["n_bins"] == 15
+    assert sum(b["count"] for b in data["bins"]) == 500
+    assert data["bins"][0]["lower"] == 0.0 and data["bins"][-1]["upper"] == 1.0
+    with pytest.raises(InputError, match="merge"):
+        whole.merge(Calibration(10))
+
+
+def test_calibration_edges_and_extremes():
+    cal = Calibration(15)
+    # 0 and 1 belong to the first and last bins; a value on an inner edge starts the next bin ([lo, hi)).
+    assert cal.bin_of(np.array([0.0, 1.0, 1 / 15 + 1e-12, 0.5])).tolist() == [0, 14, 1, 7]
+    # Logits far apart: probabilities of exactly 0 and 1 in float64, yet NLL stays finite (log-softmax).
+    logits = np.array([[1e4, 0.0, 0.0], [0.0, 1e4, 0.0]])
+    cal.add_logits(np.array([0, 0]), logits)
+    assert cal.counts[14] == 2 and cal.correct[14] == 1
+    assert cal.nll == pytest.approx(1e4 / 2) and np.isfinite(cal.brier) and cal.brier == pytest.approx(1.0)
+    assert cal.ece == pytest.approx(0.5) and cal.mce == pytest.approx(0.5)
+    empty = Calibration()
+    assert empty.ece == 0.0 and empty.mce == 0.0 and empty.nll is None and empty.to_dict()["brier"] is None
+    with pytest.raises(InputError, match="probabilities"):
+        Calibration().add_confidences(np.array([1.5]), np.array([True]))
+    with pytest.raises(InputError, match="outside"):
+        Calibration().add_logits(np.array([3]), np.zeros((1, 3)))
+
+
+def test_top_confusions_counts_shares_and_order():
+    y_true = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+    y_pred = np.array([1, 1, 0, 0, 2, 0, 0, 2, 2, 2])
+    matrix = confusion_matrix(y_true, y_pred, labels=[0, 1, 2])
+    rows = top_confusions(matrix, ["cat", "dog", "$x$"], limit=3)
+    # 6 mistakes: cat->dog 2, $x$->cat 2 (tie: lower true index first), dog->cat 1, dog->$x$ 1
+    assert [(r["true"], r["predicted"], r["count"]) for r in rows] == [("cat", "dog", 2), ("$x$", "cat", 2),
+                                                                      ("dog", "cat", 1)]
+    assert rows[0]["share"] == pytest.approx(2 / 6) and rows[0]["true_class_rate"] == pytest.approx(2 / 3)
+    assert top_confusions(np.eye(3, dtype=int), ["a", "b", "c"]) == []

@@ -91,7 +91,7 @@ def test_onnx_path_never_imports_torch(sample_onnx_fp32):
         import sys
         import numpy as np
         from toolkit.runtime.registry import open_model
-        from toolkit.artifact_info import describe_artifact
+        from toolkit.artifacts import describe_artifact
         for backend in ("onnxruntime", "openvino"):
             with open_model({str(sample_onnx_fp32)!r}, backend=backend) as runner:
                 runner(np.zeros((2, 3, 32, 32), np.float32))

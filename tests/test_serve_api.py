@@ -56,13 +56,15 @@ def digits(sample_test):
 def test_health_metadata_config_index(triton, runner):
     assert triton.is_server_live() and triton.is_server_ready() and triton.is_model_ready(MODEL)
     meta = triton.get_model_metadata(MODEL)
-    assert meta["name"] == MODEL and meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}
+    assert meta["name"] == MODEL
+    assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 3, 32, 32]}
     assert meta["outputs"][0]["shape"] == [-1, 10]
     config = triton.get_model_config(MODEL)
     assert config["max_batch_size"] == 16
     card = json.loads(config["parameters"]["toolkit.card"]["string_value"])
     assert card["class_names"] == list(runner.card.class_names)
-    assert triton.get_model_repository_index() == [{"name": MODEL, "version": "1", "state": "READY", "reason": ""}]
+    index = triton.get_model_repository_index()
+    assert index == [{"name": MODEL, "version": "1", "state": "READY", "reason": ""}]
     assert "classification" in triton.get_server_metadata()["extensions"]
 
 
@@ -74,7 +76,8 @@ def test_infer_matches_runner(triton, runner, digits, binary):
     expected = runner(batch)
     inp = httpclient.InferInput("input", list(batch.shape), "FP32")
     inp.set_data_from_numpy(batch, binary_data=binary)
-    result = triton.infer(MODEL, [inp], outputs=[httpclient.InferRequestedOutput("logits", binary_data=binary)])
+    wanted = [httpclient.InferRequestedOutput("logits", binary_data=binary)]
+    result = triton.infer(MODEL, [inp], outputs=wanted)
     np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-5, atol=1e-5)
     # no outputs named: the client asks for binary outputs of everything
     result = triton.infer(MODEL, [inp], request_id="abc")
@@ -123,7 +126,8 @@ def test_v2_errors_name_what_is_expected(triton, base, runner):
     for body, headers in [(b"{not json", {}), (b'{"inputs": []}', {}),
                           (b'{"inputs":[{"name":"input","shape":[1,3,32,32],"datatype":"FP32",'
                            b'"parameters":{"binary_data_size":12288}}]}', {}),
-                          (b'{"inputs":[{"name":"input","shape":[1,3,32,32],"datatype":"FP32","data":[1,2]}]}', {}),
+                          (b'{"inputs":[{"name":"input","shape":[1,3,32,32],"datatype":"FP32",'
+                           b'"data":[1,2]}]}', {}),
                           (b"{}" + b"x" * 10, {"Inference-Header-Content-Length": "99"}),
                           (b'{"inputs":[{"name":"input","shape":[1],"datatype":"FP99","data":[1]}]}', {})]:
         response = httpx.post(url, content=body, headers=headers)
@@ -151,8 +155,8 @@ def test_predict_multipart_and_raw_body_match_offline_predict(base, runner, digi
     del got[2]
     for mine, ref in zip(got, offline):
         assert [t["index"] for t in mine["top"]] == [t["index"] for t in ref["top"]]
-        np.testing.assert_allclose([t["probability"] for t in mine["top"]], [t["probability"] for t in ref["top"]],
-                                   atol=1e-5)
+        np.testing.assert_allclose([t["probability"] for t in mine["top"]],
+                                   [t["probability"] for t in ref["top"]], atol=1e-5)
     raw = httpx.post(f"{base}/predict", content=paths[0].read_bytes(), headers={"Content-Type": "image/png"})
     assert raw.status_code == 200
     assert raw.json()["predictions"][0]["top"][0]["index"] == offline[0]["top"][0]["index"]
@@ -191,7 +195,8 @@ def test_metrics_count_requests_images_and_failures(base, digits):
     body = png_bytes(digits[0][0])
     for _ in range(3):
         assert httpx.post(f"{base}/predict", content=body).status_code == 200
-    assert httpx.post(f"{base}/predict", files=[("files", ("a.png", body)), ("files", ("b.png", body))]).status_code == 200
+    two = [("files", ("a.png", body)), ("files", ("b.png", body))]
+    assert httpx.post(f"{base}/predict", files=two).status_code == 200
     assert httpx.post(f"{base}/predict", content=b"not an image").status_code == 415
     after = httpx.get(f"{base}/metrics").text
     delta = {name: _metric(after, name) - _metric(before, name)
@@ -221,7 +226,8 @@ def test_evaluate_matches_offline_eval(base, runner, sample_test):
     got = httpx.post(f"{base}/evaluate", files=files, data=data, timeout=60)
     assert got.status_code == 200, got.text
     got = got.json()
-    for key in ("accuracy", "top5", "macro", "micro", "weighted", "per_class", "confusion_matrix", "num_samples"):
+    for key in ("accuracy", "top5", "macro", "micro", "weighted", "per_class", "confusion_matrix",
+                "num_samples"):
         assert got[key] == offline[key], key
     assert {"images_per_second", "backend", "model"} <= set(got)
 
@@ -229,8 +235,8 @@ def test_evaluate_matches_offline_eval(base, runner, sample_test):
     with zipfile.ZipFile(archive, "w") as zf:
         for i, (img, label) in enumerate(zip(images, labels)):
             zf.writestr(f"set/{sample_test.class_names[int(label)]}/{i}.png", png_bytes(img))
-    got_zip = httpx.post(f"{base}/evaluate", content=archive.getvalue(), headers={"Content-Type": "application/zip"},
-                         timeout=60)
+    got_zip = httpx.post(f"{base}/evaluate", content=archive.getvalue(),
+                         headers={"Content-Type": "application/zip"}, timeout=60)
     assert got_zip.status_code == 200, got_zip.text
     assert got_zip.json()["confusion_matrix"] == offline["confusion_matrix"]
     # labels that do not fit, and a bad image, are the client's mistakes
@@ -286,7 +292,8 @@ def test_api_key(runner, digits):
             assert response.status_code == 401, path
             assert httpx.request(method, f"{base}{path}", content=body,
                                  headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert httpx.post(f"{base}/predict", content=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        bearer = {"Authorization": "Bearer s3cret"}
+        assert httpx.post(f"{base}/predict", content=body, headers=bearer).status_code == 200
         assert httpx.post(f"{base}/predict", content=body, headers={"X-API-Key": "s3cret"}).status_code == 200
         assert httpx.get(f"{base}/metrics", headers={"X-API-Key": "s3cret"}).status_code == 200
 

@@ -66,15 +66,17 @@ def test_sigterm_drains(sample_onnx_fp32, sample_test, tmp_path):
 
     port = free_port()
     script = tmp_path / "drain.py"
-    script.write_text(DRAIN_SCRIPT.format(tests=str(Path(__file__).parent), model=str(sample_onnx_fp32), port=port))
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    script.write_text(DRAIN_SCRIPT.format(tests=str(Path(__file__).parent), model=str(sample_onnx_fp32),
+                                          port=port))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(f"{base}/v2/health/ready", timeout=60)
         body = png_bytes(sample_test.images[0])
         result: dict[str, httpx.Response] = {}
-        inflight = threading.Thread(target=lambda: result.setdefault("r", httpx.post(f"{base}/predict", content=body,
-                                                                                       timeout=30)))
+        inflight = threading.Thread(target=lambda: result.setdefault(
+            "r", httpx.post(f"{base}/predict", content=body, timeout=30)))
         inflight.start()
         time.sleep(0.5)  # the request is now inside the 1.5 s runner call
         process.send_signal(signal.SIGTERM)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import socket
+import struct
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -62,6 +64,10 @@ class SlowRunner(Runner):
         self.gate = threading.Event()  # cleared: calls wait until the test opens it
         self.gate.set()
 
+    @classmethod
+    def open(cls, path: Any, *, device: str = "cpu") -> Runner:
+        raise NotImplementedError("SlowRunner wraps an opened runner")
+
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         self.gate.wait(30)
         time.sleep(self.delay_s)
@@ -74,3 +80,16 @@ def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def zip_with_declared_size(name: str, data: bytes, method: int, declared: int) -> bytes:
+    """A zip whose member's headers claim `declared` bytes while its stream inflates to `data`."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=method) as archive:
+        archive.writestr(name, data)
+    raw = bytearray(buffer.getvalue())
+    info = zipfile.ZipFile(io.BytesIO(bytes(raw))).infolist()[0]
+    struct.pack_into("<I", raw, info.header_offset + 22, declared)  # local header: uncompressed size
+    central = raw.rfind(b"PK\x01\x02")
+    struct.pack_into("<I", raw, central + 24, declared)  # central directory: uncompressed size
+    return bytes(raw)

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toolkit.card import load_sidecar, sidecar_path
+import fakes.tensorrt as fake_trt
+from toolkit.artifacts import ArtifactFacts, facts_path, read_artifact, write_engine_sidecars
+from toolkit.card import load_sidecar
 from toolkit.errors import BackendUnavailableError, ModelFormatError, UsageError
 from toolkit.runtime import open_model
 from toolkit.runtime.tensorrt_runner import (
@@ -66,8 +68,9 @@ def onnx_files(tmp_path_factory, sample_model) -> dict[str, Path]:
 def _fake_engine(folder: Path, card, **facts) -> Path:
     engine = folder / "model.engine"
     engine.write_bytes(b"\x00not an engine")
-    card.replace(extra={"tensorrt": {"version": "10.9.0", "compute_capability": "9.0", "gpu": "NVIDIA H100",
-                                     **facts}}).save(sidecar_path(engine))
+    facts = ArtifactFacts("tensorrt", tensorrt_version="10.9.0", compute_capability="9.0", gpu="NVIDIA H100",
+                          **facts)
+    write_engine_sidecars(engine, card, facts)
     return engine
 
 
@@ -93,16 +96,16 @@ def test_missing_engine_file(tmp_path):
 
 
 def test_mismatched_engine_asks_for_rebuild(sample_card, tmp_path):
-    card = load_sidecar(_fake_engine(tmp_path, sample_card))
+    _, facts = read_artifact(_fake_engine(tmp_path, sample_card))
     here = TensorRTEnvironment(trt=None, cudart=None, version="10.9.0", device_index=0, gpu_name="NVIDIA L4",
                                compute_capability="8.9")
     expected = r"compute capability 9\.0 \(NVIDIA H100\).*NVIDIA L4.*rebuild"
     with pytest.raises(ModelFormatError, match=expected):
-        check_compatible(card, here, tmp_path / "model.engine")
+        check_compatible(facts, here, tmp_path / "model.engine")
     newer = TensorRTEnvironment(None, None, "11.1.0", 0, "NVIDIA H100", "9.0")
     with pytest.raises(ModelFormatError, match=r"TensorRT 10\.9\.0.*TensorRT 11\.1\.0.*rebuild the engine"):
-        check_compatible(card, newer, tmp_path / "model.engine")
-    check_compatible(card, TensorRTEnvironment(None, None, "10.9.0", 0, "NVIDIA H100", "9.0"), tmp_path)
+        check_compatible(facts, newer, tmp_path / "model.engine")
+    check_compatible(facts, TensorRTEnvironment(None, None, "10.9.0", 0, "NVIDIA H100", "9.0"), tmp_path)
 
 
 @pytest.mark.parametrize("batches", [(0, 1, 8), (4, 2, 8), (1, 16, 8)])
@@ -144,7 +147,7 @@ def test_runner_without_tensorrt_is_one_clear_line(sample_card, tmp_path):
 @pytest.fixture(scope="module")
 def reference(onnx_files, sample_card, sample_test):
     """ONNX Runtime (CPU) logits of the fp32 ONNX: the parity reference for the engines."""
-    batch = np.concatenate([b for b in sample_test.subset(101).batches(sample_card, 64)])
+    batch = np.concatenate(list(sample_test.subset(101).batches(sample_card, 64)))
     with open_model(onnx_files["fp32"], backend="onnxruntime", device="cpu") as runner:
         return batch, runner(batch)
 
@@ -173,14 +176,14 @@ def test_fp32_engine_matches_onnxruntime(fp32_engine, reference):
 
 @needs_tensorrt
 def test_sidecar_records_engine_facts(fp32_engine, onnx_files, sample_card):
-    card = load_sidecar(fp32_engine)
-    facts = card.extra["tensorrt"]
+    card, facts = read_artifact(fp32_engine)
     env = tensorrt_environment("cuda")
+    assert card == load_sidecar(fp32_engine) and "tensorrt" not in card.extra
     assert card.class_names == sample_card.class_names and card.input_size == sample_card.input_size
-    assert facts["version"] == env.version and facts["compute_capability"] == env.compute_capability
-    assert facts["gpu"] == env.gpu_name and facts["precision"] == "fp32" and facts["strongly_typed"]
-    assert facts["profile"] == {"min": 1, "opt": 16, "max": 32}
-    assert facts["input"]["shape"] == [-1, *sample_card.input_size]
+    assert facts.tensorrt_version == env.version and facts.compute_capability == env.compute_capability
+    assert facts.gpu == env.gpu_name and facts.precision == "fp32" and facts.extra["strongly_typed"]
+    assert facts.profile == {"min": 1, "opt": 16, "max": 32}
+    assert facts.inputs[0].shape == (-1, *sample_card.input_size)
     # nothing glued in front: the file is exactly what TensorRT serialized
     runtime = env.trt.Runtime(env.trt.Logger(env.trt.Logger.ERROR))
     assert runtime.deserialize_cuda_engine(fp32_engine.read_bytes()) is not None
@@ -194,7 +197,7 @@ def test_fp16_engine_agrees_on_top1(onnx_files, reference, sample_card, tmp_path
 
     engine = export(onnx_files["fp16"], tmp_path / "fp16.plan", sample_card, max_batch=64, workspace_gb=1,
                     timing_cache=tmp_path / "timing.cache")
-    assert load_sidecar(engine).extra["tensorrt"]["precision"] == "fp16"
+    assert read_artifact(engine)[1].precision == "fp16"
     batch, expected = reference
     with TensorRTRunner.open(engine) as runner:
         assert runner.precision == "fp16"
@@ -218,17 +221,16 @@ def test_profile_min_above_batch_is_padded(onnx_files, reference, sample_card, t
 
 @needs_tensorrt
 def test_foreign_or_corrupt_engine_asks_for_rebuild(fp32_engine, sample_card, tmp_path):
-    card = load_sidecar(fp32_engine)
+    card, facts = read_artifact(fp32_engine)
     foreign = tmp_path / "foreign.engine"
     foreign.write_bytes(fp32_engine.read_bytes())
-    facts = {**card.extra["tensorrt"], "version": "9.9.9"}
-    card.replace(extra={"tensorrt": facts}).save(sidecar_path(foreign))
+    write_engine_sidecars(foreign, card, facts.replace(tensorrt_version="9.9.9"))
     with pytest.raises(ModelFormatError, match="rebuild the engine on this GPU/TensorRT"):
         TensorRTRunner.open(foreign)
     corrupt = tmp_path / "corrupt.engine"
     corrupt.write_bytes(fp32_engine.read_bytes()[: 1000])
-    card.save(sidecar_path(corrupt))
-    with pytest.raises(ModelFormatError, match="could not deserialize.*rebuild"):
+    write_engine_sidecars(corrupt, card, facts)
+    with pytest.raises(ModelFormatError, match=r"could not deserialize.*rebuild"):
         TensorRTRunner.open(corrupt)
 
 
@@ -244,238 +246,11 @@ def test_triton_plan_repository_runs(fp32_engine, reference, sample_card, tmp_pa
         np.testing.assert_allclose(runner(batch), expected, rtol=1e-3, atol=1e-3)
 
 
-# --- everywhere: the same plumbing against a simulated TensorRT -------------------------------
-# A stand-in for the tensorrt module and cuda-python that follows their documented signatures
-# (TensorRT 10 name-based I/O, cudart's `(err, value)` tuples). "Device" memory is host memory and
-# an "engine" runs the ONNX on ONNX Runtime, so the export -> sidecar -> runner -> Triton path,
-# buffer reuse, profile padding and chunking are exercised on machines without a GPU. It cannot
-# prove the real API matches; the GPU tests above do that.
-
-class _FakeCudart:
-    class cudaMemcpyKind:  # noqa: N801 - cudart's spelling
-        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
-
-    def __init__(self):
-        self.buffers: dict[int, object] = {}
-
-    def _alloc(self, nbytes):
-        import ctypes
-
-        buffer = (ctypes.c_ubyte * nbytes)()
-        self.buffers[ctypes.addressof(buffer)] = buffer
-        return 0, ctypes.addressof(buffer)
-
-    def cudaGetDeviceCount(self):
-        return 0, 1
-
-    def cudaGetErrorString(self, err):
-        return 0, b"simulated CUDA error"
-
-    def cudaGetDeviceProperties(self, index):
-        from types import SimpleNamespace
-
-        return 0, SimpleNamespace(name=b"Simulated GPU\0\0", major=9, minor=0)
-
-    def cudaSetDevice(self, index):
-        return (0,)
-
-    def cudaStreamCreate(self):
-        return 0, 7
-
-    cudaMalloc = cudaMallocHost = _alloc
-
-    def cudaFree(self, ptr):
-        self.buffers.pop(ptr)
-        return (0,)
-
-    cudaFreeHost = cudaFree
-
-    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
-        import ctypes
-
-        assert stream == 7 and dst in self.buffers or src in self.buffers
-        ctypes.memmove(dst, src, count)
-        return (0,)
-
-    def cudaStreamSynchronize(self, stream):
-        return (0,)
-
-    cudaStreamDestroy = cudaStreamSynchronize
-
-
-def _fake_tensorrt(version: str = "10.9.0"):
-    """The subset of the tensorrt module that export.tensorrt and TensorRTRunner use."""
-    import ctypes
-    from types import SimpleNamespace
-
-    import onnx
-    import onnxruntime as ort
-
-    trt = SimpleNamespace(__version__=version, built=[])
-    trt.Logger = type("Logger", (), {"WARNING": 2, "ERROR": 1, "__init__": lambda self, level=2: None})
-    trt.TensorIOMode = SimpleNamespace(INPUT="input", OUTPUT="output")
-    trt.MemoryPoolType = SimpleNamespace(WORKSPACE="workspace")
-    trt.BuilderFlag = SimpleNamespace(TF32="tf32")
-    trt.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=0)
-    trt.nptype = lambda dtype: np.float32
-
-    def tensor(value):
-        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
-        return SimpleNamespace(name=value.name, shape=dims, dtype="float")
-
-    class Network:
-        def __init__(self, flags):
-            trt.built.append({"network_flags": flags})
-            self.num_inputs = self.num_outputs = 0
-
-        def get_input(self, i):
-            return self.inputs[i]
-
-        def get_output(self, i):
-            return self.outputs[i]
-
-    class OnnxParser:
-        num_errors = 0
-
-        def __init__(self, network, logger):
-            self.network = network
-
-        def parse_from_file(self, path):
-            model = onnx.load(path)
-            self.network.onnx = model.SerializeToString()
-            self.network.inputs = [tensor(model.graph.input[0])]
-            self.network.outputs = [tensor(model.graph.output[0])]
-            self.network.num_inputs = self.network.num_outputs = 1
-            return True
-
-    class Cache:
-        def __init__(self, data):
-            self.data = data or b"timings"
-
-        def serialize(self):
-            return self.data
-
-    class Config:
-        def __init__(self):
-            self.settings = {"flags_cleared": []}
-
-        def set_memory_pool_limit(self, pool, size):
-            self.settings[pool] = size
-
-        def clear_flag(self, flag):
-            self.settings["flags_cleared"].append(flag)
-
-        def add_optimization_profile(self, profile):
-            self.settings["profile"] = profile.shapes
-            return 0
-
-        def create_timing_cache(self, data):
-            return Cache(data)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-    class Builder:
-        def __init__(self, logger):
-            self.logger = logger
-
-        create_network = staticmethod(Network)
-        create_builder_config = staticmethod(Config)
-
-        def create_optimization_profile(self):
-            profile = SimpleNamespace(shapes={})
-            profile.set_shape = lambda name, low, opt, high: profile.shapes.update({name: (low, opt, high)})
-            return profile
-
-        def build_serialized_network(self, network, config):
-            trt.built[-1].update(config.settings)
-            name = network.inputs[0].name
-            header = json.dumps({"profile": config.settings["profile"][name], "input": name,
-                                 "output": network.outputs[0].name}).encode()
-            return header + b"\n" + network.onnx  # a simulated plan; real ones are opaque bytes
-
-    class Context:
-        def __init__(self, engine):
-            self.engine, self.addresses, self.shape = engine, {}, None
-
-        def set_tensor_address(self, name, ptr):
-            self.addresses[name] = ptr
-            return True
-
-        def set_input_shape(self, name, shape):
-            low, _, high = self.engine.profile
-            self.shape = shape
-            return low[0] <= shape[0] <= high[0]
-
-        def get_tensor_shape(self, name):
-            return (self.shape[0], self.engine.classes)
-
-        def execute_async_v3(self, stream_handle):
-            assert isinstance(stream_handle, int)
-            count = int(np.prod(self.shape))
-            raw = (ctypes.c_float * count).from_address(self.addresses[self.engine.input])
-            batch = np.frombuffer(raw, np.float32).reshape(self.shape).copy()
-            logits = self.engine.session.run(None, {self.engine.input: batch})[0].astype(np.float32)
-            ctypes.memmove(self.addresses[self.engine.output], logits.ctypes.data, logits.nbytes)
-            self.engine.calls.append(len(batch))
-            return True
-
-    class Engine:
-        num_io_tensors = 2
-
-        def __init__(self, data):
-            header, model = data.split(b"\n", 1)
-            meta = json.loads(header)
-            self.profile, self.input, self.output = meta["profile"], meta["input"], meta["output"]
-            self.session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-            self.classes = self.session.get_outputs()[0].shape[-1]
-            self.calls = []
-            trt.engines.append(self)
-
-        def get_tensor_name(self, i):
-            return (self.input, self.output)[i]
-
-        def get_tensor_mode(self, name):
-            return "input" if name == self.input else "output"
-
-        def get_tensor_dtype(self, name):
-            return "float"
-
-        def get_tensor_shape(self, name):
-            return (-1, *self.profile[0][1:]) if name == self.input else (-1, self.classes)
-
-        def get_tensor_profile_shape(self, name, index):
-            return self.profile
-
-        def create_execution_context(self):
-            return Context(self)
-
-    class Runtime:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def deserialize_cuda_engine(self, data):
-            try:
-                return Engine(bytes(data))
-            except Exception:  # noqa: BLE001 - TensorRT returns None for bytes it cannot read
-                return None
-
-    trt.Builder, trt.OnnxParser, trt.Runtime, trt.engines = Builder, OnnxParser, Runtime, []
-    return trt
-
+# --- everywhere: the same plumbing against the simulated TensorRT of tests/fakes/tensorrt.py -------
 
 @pytest.fixture
 def simulated_tensorrt(monkeypatch):
-    from toolkit.runtime import tensorrt_runner
-
-    trt, cudart = _fake_tensorrt(), _FakeCudart()
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(tensorrt_runner, "import_cudart", lambda: cudart)
-    return trt, cudart
+    return fake_trt.install(monkeypatch)
 
 
 def test_simulated_build_run_and_triton(simulated_tensorrt, onnx_files, sample_card, sample_test, tmp_path):
@@ -490,10 +265,14 @@ def test_simulated_build_run_and_triton(simulated_tensorrt, onnx_files, sample_c
     assert built["network_flags"] == 1  # strongly typed on TensorRT 10
     assert built["workspace"] == 1 << 29 and built["flags_cleared"] == ["tf32"]
     assert cache.read_bytes() == b"timings"
-    facts = load_sidecar(engine).extra["tensorrt"]
-    assert facts["gpu"] == "Simulated GPU" and facts["compute_capability"] == "9.0"
-    assert facts["profile"] == {"min": 2, "opt": 8, "max": 16} and facts["precision"] == "fp32"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.card.json", "timing.cache"]
+    card, facts = read_artifact(engine)
+    assert card == sample_card.replace(toolkit_version=card.toolkit_version) and "tensorrt" not in card.extra
+    assert facts.gpu == "Simulated GPU" and facts.compute_capability == "9.0"
+    assert facts.tensorrt_version == "10.9.0"
+    assert facts.profile == {"min": 2, "opt": 8, "max": 16} and facts.precision == "fp32"
+    assert facts.inputs[0].shape == (-1, 3, 32, 32) and facts.inputs[0].dtype == "float32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.engine", "m.engine.card.json", "m.engine.facts.json", "timing.cache"]
 
     batch = np.concatenate(list(sample_test.subset(37).batches(sample_card, 37)))
     with open_model(onnx_files["fp32"]) as source:
@@ -507,8 +286,10 @@ def test_simulated_build_run_and_triton(simulated_tensorrt, onnx_files, sample_c
     assert not cudart.buffers  # close() freed device and pinned memory
 
     model_dir = triton.export(engine, tmp_path / "repo", sample_card, name="digits_trt", max_batch_size=16)
+    assert facts_path(model_dir / "1" / "model.plan").is_file()  # the facts travel with the plan
     with open_model(model_dir) as runner:
         np.testing.assert_allclose(runner(batch), expected, atol=1e-5)
+        assert runner.facts == facts
 
 
 def test_simulated_version_mismatch_and_corrupt_engine(simulated_tensorrt, onnx_files, sample_card, tmp_path,
@@ -516,7 +297,7 @@ def test_simulated_version_mismatch_and_corrupt_engine(simulated_tensorrt, onnx_
     from export.tensorrt import export
 
     engine = export(onnx_files["fp32"], tmp_path / "m.plan", sample_card, max_batch=4)
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("11.0.0"))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt.fake_tensorrt("11.0.0"))
     expected = r"built with TensorRT 10\.9\.0.*this machine has TensorRT 11\.0\.0"
     with pytest.raises(ModelFormatError, match=expected):
         open_model(engine)
@@ -539,11 +320,11 @@ def test_simulated_tensorrt_11_needs_no_typing_flag(simulated_tensorrt, onnx_fil
                                                     monkeypatch):
     from export.tensorrt import export
 
-    trt11 = _fake_tensorrt("11.2.0")
+    trt11 = fake_trt.fake_tensorrt("11.2.0")
     monkeypatch.setitem(sys.modules, "tensorrt", trt11)
     engine = export(onnx_files["fp32"], tmp_path / "m.engine", sample_card, max_batch=4)
     assert trt11.built[-1]["network_flags"] == 0  # strongly typed is the only mode in TensorRT 11
-    assert load_sidecar(engine).extra["tensorrt"]["version"] == "11.2.0"
+    assert read_artifact(engine)[1].tensorrt_version == "11.2.0"
 
 
 @without_tensorrt
@@ -569,20 +350,23 @@ def test_simulated_pipeline_formats(simulated_tensorrt, sample_model, sample_car
     engine = run_export(sample_model, "tensorrt", tmp_path / "m.engine", opset=17, verify_samples=64,
                         max_batch=16)
     assert engine.ok, engine.verify.failures
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.card.json"]
-    assert load_sidecar(tmp_path / "m.engine").extra["tensorrt"]["profile"]["max"] == 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.card.json",
+                                                          "m.engine.facts.json"]
+    assert read_artifact(tmp_path / "m.engine")[1].profile["max"] == 16
     repo = run_export(sample_model, "triton", tmp_path / "repo", opset=17, verify_samples=64,
                       model_format="tensorrt", max_batch=8, name="digits_trt")
     assert repo.ok, repo.verify.failures
     assert (tmp_path / "repo" / "digits_trt" / "1" / "model.plan").is_file()
     config = (tmp_path / "repo" / "digits_trt" / "config.pbtxt").read_text("utf-8")
     assert 'platform: "tensorrt_plan"' in config and "max_batch_size: 8" in config and "KIND_GPU" in config
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.card.json", "repo"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.engine", "m.engine.card.json", "m.engine.facts.json", "repo"]
 
 
-def test_info_reads_engine_facts_from_the_sidecar_card_without_tensorrt(tmp_path, sample_card):
-    """`toolkit info` on an engine needs no GPU: everything it shows comes from the sidecar card."""
-    from toolkit.artifact_info import describe_artifact
+def test_info_reads_engine_facts_of_an_older_engine_without_tensorrt(tmp_path, sample_card):
+    """`toolkit info` on an engine needs no GPU; an engine written before the facts sidecar kept them in
+    its card's extra["tensorrt"], and still reads (the card given back no longer holds them)."""
+    from toolkit.artifacts import describe_artifact
     from toolkit.card import sidecar_path
 
     engine = tmp_path / "m.engine"
@@ -593,4 +377,4 @@ def test_info_reads_engine_facts_from_the_sidecar_card_without_tensorrt(tmp_path
     info = describe_artifact(engine)
     assert (info["tensorrt_version"], info["gpu"], info["compute_capability"], info["precision"]) == (
         "10.9.0", "NVIDIA H100", "9.0", "fp16")
-    assert info["profile"] == {"min": 1, "opt": 8, "max": 32}
+    assert info["profile"] == {"min": 1, "opt": 8, "max": 32} and "tensorrt" not in info["card"]["extra"]

@@ -15,7 +15,7 @@ from export import triton
 from toolkit.card import ModelCard, load_sidecar, sidecar_path
 from toolkit.errors import ExportError, ModelFormatError, UsageError
 from toolkit.runtime import open_model
-from toolkit.runtime.metadata import ONNX_CARD_KEY
+from toolkit.artifacts import ONNX_CARD_KEY
 
 model_config_pb2 = pytest.importorskip(
     "tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is in the test extra"

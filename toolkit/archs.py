@@ -87,7 +87,8 @@ def get_spec(name: str) -> ArchSpec:
         raise UsageError(f"unknown architecture {name!r}; known: {', '.join(ARCHS)}") from None
 
 
-def find_spec(stem: str, block: str, layers: tuple[int, ...], groups: int, width_per_group: int) -> ArchSpec | None:
+def find_spec(stem: str, block: str, layers: tuple[int, ...], groups: int,
+              width_per_group: int) -> ArchSpec | None:
     for spec in ARCHS.values():
         if (spec.stem, spec.block, spec.layers, spec.groups, spec.width_per_group) == (
             stem, block, layers, groups, width_per_group,
@@ -106,10 +107,14 @@ def build_model(name: str, num_classes: int, shortcut: str | None = None) -> nn.
 
         model = torchvision.models.get_model(spec.name, weights=None, num_classes=num_classes)
     else:
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+
         from .cifar_nets import CifarResNet
 
         option = (shortcut or "A").upper() if spec.has_shortcut_option else "B"
         if option not in SHORTCUTS:
             raise ArchitectureError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
-        model = CifarResNet(spec, num_classes=num_classes, shortcut=option)
+        block = BasicBlock if spec.block == "basic" else Bottleneck
+        model = CifarResNet(block, spec.layers, num_classes=num_classes, shortcut=option, groups=spec.groups,
+                            width_per_group=spec.width_per_group)
     return model.eval()

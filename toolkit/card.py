@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -20,9 +22,158 @@ from typing import Any
 from . import __version__
 from .errors import DataError, UsageError
 from .fileio import atomic_write_text
+from .paths import read_bytes_bounded
 
 CARD_SUFFIX = ".card.json"
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+SHORTCUTS = ("A", "B")
+
+# Limits (README "Limits and safety"): a card is read from files anyone may hand us, and its sizes
+# drive allocations (class names, the network's head, resized images), so each is bounded here.
+MAX_CLASSES = 100_000
+MAX_CLASS_NAME_CHARS = 1_000
+MAX_INPUT_SIDE = 4_096  # input height/width in pixels
+MAX_RESIZE_SIZE = 8_192
+MAX_CARD_BYTES = 16 * 1024 * 1024  # a card with 100,000 long class names still fits
+MAX_CARD_DEPTH = 32  # JSON nesting; a card needs 4
+MAX_TEXT_CHARS = 1_000  # arch, version, sha256 and other single-line fields
+
+
+class CardError(DataError):
+    """A model card is malformed: a missing, mistyped or out-of-range field, or JSON too large/deep."""
+
+
+_JSON_TOKENS = re.compile(r'["\\\[\]{}]')
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of arrays/objects in JSON text, in one linear pass without parsing.
+
+    Only quotes, backslashes and brackets are visited; brackets inside strings do not count.
+    """
+    depth = deepest = 0
+    in_string = False
+    skip = -1  # the position a backslash escapes
+    for match in _JSON_TOKENS.finditer(text):
+        char, where = match.group(), match.start()
+        if where == skip:
+            continue
+        if in_string:
+            if char == "\\":
+                skip = where + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def load_json_bounded(text: str | bytes, *, max_bytes: int, max_depth: int, what: str = "JSON",
+                      error: type[DataError] = CardError) -> Any:
+    """json.loads with limits checked first: size, nesting depth, and no NaN/Infinity.
+
+    The standard parser recurses once per level (100,000 levels -> RecursionError) and accepts the
+    non-standard NaN/Infinity tokens that make the output invalid JSON again; both are refused here
+    with `error` naming `what`. Reused for every JSON that comes out of an artifact.
+    """
+    size = len(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text)
+    if size > max_bytes:
+        raise error(f"{what} is malformed: {size} bytes is over the limit of {max_bytes}")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(f"{what} is malformed: not UTF-8 ({exc.reason})") from None
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise error(f"{what} is malformed: nested {depth} levels deep, over the limit of {max_depth}")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise error(f"{what} is not valid JSON: {exc}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) or type(value).__name__.startswith(("int", "uint"))
+
+
+def _is_real(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, float) or type(value).__name__.startswith("float")
+
+
+def _text(value: Any, name: str, problems: list[str], *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value or len(value) > MAX_TEXT_CHARS:
+        problems.append(f"{name} must be a non-empty string of at most {MAX_TEXT_CHARS} characters, "
+                        f"got {_show(value)}")
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _card_problems(card: ModelCard) -> list[str]:
+    """Every type and range problem of a card's fields (empty when the card is good)."""
+    problems: list[str] = []
+    _text(card.arch, "arch", problems)
+    names = card.class_names
+    if not names:
+        problems.append("class_names is empty")
+    elif len(names) > MAX_CLASSES:
+        problems.append(f"{len(names)} class names is over the limit of {MAX_CLASSES}")
+    elif any(len(n) > MAX_CLASS_NAME_CHARS for n in names):
+        problems.append(f"class names must be at most {MAX_CLASS_NAME_CHARS} characters")
+    size = card.input_size
+    if len(size) != 3 or size[0] != 3 or min(size) < 1:
+        problems.append(f"input_size must be (3, H, W), got {size}")
+    elif max(size[1:]) > MAX_INPUT_SIDE:
+        problems.append(f"input_size {size} is over the limit of {MAX_INPUT_SIDE} pixels a side")
+    if len(card.mean) != 3 or len(card.std) != 3:
+        problems.append("mean and std need 3 values (RGB)")
+    elif not all(math.isfinite(v) for v in (*card.mean, *card.std)):
+        problems.append(f"mean and std must be finite numbers, got {card.mean} and {card.std}")
+    elif min(card.std) <= 0:
+        problems.append(f"std must be positive, got {card.std}")
+    if card.interpolation not in INTERPOLATIONS:
+        problems.append(f"interpolation must be one of {', '.join(INTERPOLATIONS)}")
+    if not 1 <= card.resize_size <= MAX_RESIZE_SIZE:
+        problems.append(f"resize_size must be 1..{MAX_RESIZE_SIZE}, got {card.resize_size}")
+    elif len(size) == 3 and card.resize_size < min(size[1:]):
+        problems.append(f"resize_size {card.resize_size} is smaller than the input {size[1:]}")
+    if card.shortcut is not None and card.shortcut not in SHORTCUTS:
+        problems.append(f"shortcut must be A, B or null, got {_show(card.shortcut)}")
+    _text(card.source_sha256, "source_sha256", problems, optional=True)
+    _text(card.toolkit_version, "toolkit_version", problems)
+    return problems
+
+
+def _coerce(name: str, value: Any, check: Any, kind: str, length: int | None = None) -> tuple[Any, ...]:
+    """A list/tuple whose items pass `check`, as a tuple; else a CardError naming the field."""
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__len__") or not hasattr(value, "__iter__"):
+        raise CardError(f"invalid model card: {name} must be a list of {kind}, got {_show(value)}")
+    if name == "class_names" and len(value) > MAX_CLASSES:  # before touching a single item
+        raise CardError(f"invalid model card: {len(value)} class names is over the limit of {MAX_CLASSES}")
+    items = tuple(value)
+    if length is not None and len(items) != length:
+        raise CardError(f"invalid model card: {name} needs {length} {kind}, got {_show(value)}")
+    bad = next((v for v in items if not check(v)), _MISSING)
+    if bad is not _MISSING:
+        raise CardError(f"invalid model card: {name} must be a list of {kind}, found {_show(bad)}")
+    return items
+
+
+_MISSING = object()
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -66,26 +217,27 @@ class ModelCard:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
-        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        # Types first (a card comes from files anyone may hand us), then ranges: one CardError
+        # that names every problem, raised wherever a card is built, whatever it was read from.
+        names = _coerce("class_names", self.class_names, lambda v: isinstance(v, str) or _is_int(v), "strings")
+        object.__setattr__(self, "class_names", tuple(str(c) for c in names))
+        object.__setattr__(self, "input_size", tuple(int(v) for v in _coerce(
+            "input_size", self.input_size, _is_int, "integers", 3)))
+        for name in ("mean", "std"):
+            object.__setattr__(self, name, tuple(float(v) for v in _coerce(
+                name, getattr(self, name), _is_real, "numbers", 3)))
+        for name in ("resize_size",):
+            if not _is_int(getattr(self, name)):
+                raise CardError(f"invalid model card: {name} must be an integer, got {_show(getattr(self, name))}")
+        object.__setattr__(self, "resize_size", int(self.resize_size))
+        if not isinstance(self.interpolation, str):
+            raise CardError(f"invalid model card: interpolation must be a string, got {_show(self.interpolation)}")
+        if not isinstance(self.extra, Mapping):
+            raise CardError(f"invalid model card: extra must be an object, got {_show(self.extra)}")
         object.__setattr__(self, "extra", dict(self.extra))
-        problems = []
-        if not self.class_names:
-            problems.append("class_names is empty")
-        if len(self.input_size) != 3 or self.input_size[0] != 3 or min(self.input_size) < 1:
-            problems.append(f"input_size must be (3, H, W), got {self.input_size}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            problems.append("mean and std need 3 values (RGB)")
-        elif min(self.std) <= 0:
-            problems.append(f"std must be positive, got {self.std}")
-        if self.interpolation not in INTERPOLATIONS:
-            problems.append(f"interpolation must be one of {', '.join(INTERPOLATIONS)}")
-        if self.resize_size < min(self.input_size[1:]):
-            problems.append(f"resize_size {self.resize_size} is smaller than the input {self.input_size[1:]}")
+        problems = _card_problems(self)
         if problems:
-            raise UsageError("invalid model card: " + "; ".join(problems))
+            raise CardError("invalid model card: " + "; ".join(problems))
 
     @property
     def num_classes(self) -> int:
@@ -114,28 +266,34 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelCard:
+        if not isinstance(data, Mapping):
+            raise CardError(f"model card must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"num_classes"})
+        unknown = sorted(k for k in data if k not in known and k != "num_classes")
         kwargs = {k: v for k, v in data.items() if k in known}
         if unknown:  # keep what newer versions wrote instead of dropping it
-            kwargs["extra"] = {**dict(kwargs.get("extra") or {}), **{k: data[k] for k in unknown}}
+            extra = kwargs.get("extra") or {}
+            if not isinstance(extra, Mapping):
+                raise CardError(f"invalid model card: extra must be an object, got {_show(extra)}")
+            kwargs["extra"] = {**dict(extra), **{k: data[k] for k in unknown}}
         if "arch" not in kwargs or "class_names" not in kwargs:
-            raise DataError("model card lacks 'arch' or 'class_names'")
-        if "num_classes" in data and int(data["num_classes"]) != len(kwargs["class_names"]):
-            raise DataError(
-                f"model card says num_classes={data['num_classes']} but lists "
-                f"{len(kwargs['class_names'])} class names"
-            )
-        return cls(**kwargs)
+            raise CardError("model card lacks 'arch' or 'class_names'")
+        card = cls(**kwargs)
+        if "num_classes" in data:
+            declared = data["num_classes"]
+            if not _is_int(declared):
+                raise CardError(f"invalid model card: num_classes must be an integer, got {_show(declared)}")
+            if int(declared) != card.num_classes:
+                raise CardError(
+                    f"model card says num_classes={declared} but lists {card.num_classes} class names"
+                )
+        return card
 
     @classmethod
-    def from_json(cls, text: str) -> ModelCard:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"model card is not valid JSON: {exc}") from None
+    def from_json(cls, text: str | bytes) -> ModelCard:
+        data = load_json_bounded(text, max_bytes=MAX_CARD_BYTES, max_depth=MAX_CARD_DEPTH, what="model card")
         if not isinstance(data, dict):
-            raise DataError("model card must be a JSON object")
+            raise CardError("model card must be a JSON object")
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> Path:
@@ -143,11 +301,7 @@ class ModelCard:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
-        try:
-            text = Path(path).read_text("utf-8")
-        except OSError as exc:
-            raise DataError(f"cannot read model card {path}: {exc.strerror}") from None
-        return cls.from_json(text)
+        return cls.from_json(read_bytes_bounded(path, MAX_CARD_BYTES, error=CardError, what="model card"))
 
 
 def sidecar_path(artifact: str | Path) -> Path:
@@ -158,7 +312,7 @@ def sidecar_path(artifact: str | Path) -> Path:
 
 def load_sidecar(artifact: str | Path) -> ModelCard | None:
     path = sidecar_path(artifact)
-    return ModelCard.load(path) if path.is_file() else None
+    return ModelCard.load(path) if path.exists() else None  # a FIFO or device here is refused, not skipped
 
 
 # --- presets and the one resolver -------------------------------------------------------------
@@ -205,18 +359,25 @@ def read_class_names(spec: str) -> tuple[str, ...]:
     if spec in PRESETS:
         return tuple(preset(spec)["class_names"])
     path = Path(spec)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"--classes {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
-    text = path.read_text("utf-8")
+    data = read_bytes_bounded(path, MAX_CARD_BYTES, error=UsageError, what="--classes file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"--classes {spec}: not UTF-8 text") from None
     if text.lstrip().startswith("["):
-        try:
-            names = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--classes {spec}: invalid JSON list: {exc}") from None
+        names = load_json_bounded(text, max_bytes=MAX_CARD_BYTES, max_depth=1, what=f"--classes {spec}",
+                                  error=UsageError)
+        if not isinstance(names, list) or not all(isinstance(n, (str, int)) and not isinstance(n, bool)
+                                                  for n in names):
+            raise UsageError(f"--classes {spec}: expected a JSON list of class names")
     else:
         names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise UsageError(f"--classes {spec}: no class names found")
+    if len(names) > MAX_CLASSES:
+        raise UsageError(f"--classes {spec}: {len(names)} names is over the limit of {MAX_CLASSES}")
     return tuple(str(n) for n in names)
 
 
@@ -228,6 +389,8 @@ def default_preset_for(stem: str, num_classes: int) -> str:
 
 
 def generic_class_names(num_classes: int) -> tuple[str, ...]:
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise CardError(f"{num_classes} classes is outside 1..{MAX_CLASSES} (the limit on a model's classes)")
     return tuple(f"class_{i}" for i in range(num_classes))
 
 

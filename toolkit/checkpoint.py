@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .archs import ARCHS, ArchSpec, find_spec, get_spec
-from .card import ModelCard
-from .errors import ArchitectureError, CheckpointError
+from .card import MAX_CLASSES, ModelCard
+from .errors import ArchitectureError, CheckpointError, DataError
+from .paths import require_file
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
 # Wrapper keys in the order we prefer them (non-EMA first, as timm does by default).
@@ -67,15 +68,14 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def load_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> LoadedCheckpoint:
     """Read, unwrap and normalise a checkpoint. Raises CheckpointError with an actionable message."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = require_file(path, error=CheckpointError, what="checkpoint")  # not a device or a FIFO
     sha = file_sha256(path)
     if path.suffix == ".safetensors":
         raw, card = _load_safetensors(path)
     else:
         raw, card = _load_torch(path, allow_pickle), None
     tensors, wrapper, embedded_card, pickled = _unwrap(raw, path)
+    _check_tensors(tensors, path)
     state, prefix, dropped = _strip_prefix(tensors, path)
     state, layout = _rename_layout(state)
     return LoadedCheckpoint(
@@ -125,14 +125,45 @@ def _load_safetensors(path: Path) -> tuple[dict[str, Any], ModelCard | None]:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
-    card = ModelCard.from_json(metadata[SAFETENSORS_CARD_KEY]) if SAFETENSORS_CARD_KEY in metadata else None
-    return tensors, card
+    return tensors, _embedded_card(metadata.get(SAFETENSORS_CARD_KEY), path)
 
 
-def _is_tensor_dict(obj: Any) -> bool:
+def _embedded_card(value: Any, path: Path) -> ModelCard | None:
+    """The card a checkpoint carries (JSON text or a dict), checked like any other card."""
+    if value is None:
+        return None
+    try:
+        return ModelCard.from_json(value) if isinstance(value, (str, bytes)) else ModelCard.from_dict(value)
+    except DataError as exc:
+        raise CheckpointError(f"{path}: its embedded model card is unusable: {exc}") from None
+
+
+def _check_tensors(state: Mapping[Any, Any], path: Path) -> None:
+    """Names are strings and values dense real tensors, before any name or value is used."""
     import torch
 
-    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: tensor names must be strings, found {key!r} ({type(key).__name__})")
+        if value.layout != torch.strided or value.is_quantized or value.is_meta or value.is_complex():
+            kind = "quantized" if value.is_quantized else "meta" if value.is_meta else (
+                "complex" if value.is_complex() else str(value.layout).replace("torch.", ""))
+            raise CheckpointError(f"{path}: tensor {key!r} is {kind}; expected dense real-valued weights")
+
+
+def distinct_values(tensor: Any) -> Any:
+    """The tensor's values as stored, without the copies a view claims.
+
+    A stride-0 view (`expand`) claims many elements over little storage: `fc.weight` of 10^9 x 64
+    over one float. Reductions over such a view (isfinite, any) allocate the claimed size; over the
+    span of storage it covers they cost what the file holds and see every value it can show.
+    """
+    if tensor.numel() == 0:
+        return tensor
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+    if span >= tensor.numel():
+        return tensor
+    return tensor.as_strided((span,), (1,))
 
 
 def _unwrap(raw: Any, path: Path) -> tuple[dict[str, Any], str | None, ModelCard | None, bool]:
@@ -140,9 +171,8 @@ def _unwrap(raw: Any, path: Path) -> tuple[dict[str, Any], str | None, ModelCard
     from torch import nn
 
     card = None
-    if isinstance(raw, Mapping) and isinstance(raw.get(CARD_KEY), (dict, str)):
-        value = raw[CARD_KEY]
-        card = ModelCard.from_json(value) if isinstance(value, str) else ModelCard.from_dict(value)
+    if isinstance(raw, Mapping) and isinstance(raw.get(CARD_KEY), (Mapping, str)):
+        card = _embedded_card(raw[CARD_KEY], path)
     if isinstance(raw, nn.Module):
         return dict(raw.state_dict()), None, card, True
     if isinstance(raw, Mapping):
@@ -210,6 +240,7 @@ def infer_architecture(state: Mapping[str, Any]) -> ArchInfo:
         raise ArchitectureError(f"no 4-D '{STEM_KEY}' tensor: not a ResNet/ResNeXt")
     if head is None or head.ndim != 2:
         raise ArchitectureError("no 2-D classifier head ('fc.weight' or 'linear.weight'): not a ResNet/ResNeXt")
+    num_classes = _num_classes(head)
     stem = "imagenet" if stem_weight.shape[-1] == 7 else "cifar"
     stage_blocks: list[int] = []
     for stage in range(1, 5):
@@ -222,10 +253,16 @@ def infer_architecture(state: Mapping[str, Any]) -> ArchInfo:
     block = "bottleneck" if "layer1.0.conv3.weight" in state else "basic"
     groups, width_per_group = 1, 64
     if block == "bottleneck":
-        grouped = state["layer1.0.conv2.weight"]  # (width, width / groups, 3, 3)
+        grouped = state.get("layer1.0.conv2.weight")  # (width, width / groups, 3, 3)
+        expand = state["layer1.0.conv3.weight"]
+        if getattr(grouped, "ndim", 0) != 4 or getattr(expand, "ndim", 0) != 4:
+            raise ArchitectureError("no 4-D 'layer1.0.conv2.weight'/'layer1.0.conv3.weight': not a ResNet/ResNeXt")
         width, per_group = int(grouped.shape[0]), int(grouped.shape[1])
+        stage_planes = int(expand.shape[0]) // 4
+        if min(width, per_group, stage_planes) < 1 or width % per_group:
+            raise ArchitectureError(f"layer1.0.conv2.weight {list(grouped.shape)} and layer1.0.conv3.weight "
+                                    f"{list(expand.shape)} are not a ResNet/ResNeXt bottleneck")
         groups = width // per_group
-        stage_planes = int(state["layer1.0.conv3.weight"].shape[0]) // 4
         width_per_group = width * 64 // (stage_planes * groups)
     layers = tuple(stage_blocks)
     spec = find_spec(stem, block, layers, groups, width_per_group) or _nearest_spec(
@@ -234,7 +271,16 @@ def infer_architecture(state: Mapping[str, Any]) -> ArchInfo:
     shortcut = None
     if spec.has_shortcut_option:
         shortcut = "B" if any(k.startswith("layer2.0.downsample.") for k in state) else "A"
-    return ArchInfo(spec=spec, num_classes=int(head.shape[0]), shortcut=shortcut)
+    return ArchInfo(spec=spec, num_classes=num_classes, shortcut=shortcut)
+
+
+def _num_classes(head: Any) -> int:
+    """The head's output count, bounded: it sizes the network, the card and every report."""
+    count = int(head.shape[0])
+    if not 1 <= count <= MAX_CLASSES:
+        raise ArchitectureError(f"the classifier head 'fc.weight' {list(head.shape)} claims {count} classes, "
+                                f"outside 1..{MAX_CLASSES} (the limit on a model's classes)")
+    return count
 
 
 def _nearest_spec(stem: str, block: str, layers: tuple[int, ...], groups: int, wpg: int) -> ArchSpec:
@@ -267,10 +313,75 @@ def resolve_architecture(state: Mapping[str, Any], arch: str | None = None, shor
         head = state.get("fc.weight")
         if head is None or getattr(head, "ndim", 0) != 2:
             raise
-        return ArchInfo(spec=spec, num_classes=int(head.shape[0]), shortcut=shortcut)
+        return ArchInfo(spec=spec, num_classes=_num_classes(head), shortcut=shortcut)
     if inferred.spec.name != spec.name:
         raise ArchitectureError(
             f"--arch {spec.name} conflicts with the weights, which look like {inferred.arch} "
             f"({inferred.spec.stem} stem, stages {list(inferred.spec.layers)}); drop --arch or fix it"
         )
     return ArchInfo(spec=spec, num_classes=inferred.num_classes, shortcut=shortcut or inferred.shortcut)
+
+
+# --- the one strict load (validate, the torch runner, export, info) ------------------------------
+
+@dataclass(frozen=True)
+class FitReport:
+    """How a state_dict fits a network: what is missing, unexpected, or has the wrong shape.
+
+    Computed from names and shapes alone, before a single value is copied, so a damaged
+    checkpoint (a conv of the wrong shape, a head claiming 10^9 classes) costs nothing to judge.
+    """
+
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def problems(self, listed: int = 10) -> list[tuple[str, str]]:
+        """(code, message) pairs, the form validate reports them in."""
+        out = []
+        if self.missing:
+            out.append(("missing_keys", f"{len(self.missing)} missing keys: {_listed(self.missing, listed)}"))
+        if self.unexpected:
+            out.append(("unexpected_keys",
+                        f"{len(self.unexpected)} unexpected keys: {_listed(self.unexpected, listed)}"))
+        out += [("shape_mismatch", f"{key}: expected {list(want)}, found {list(got)}")
+                for key, want, got in self.mismatched]
+        return out
+
+    def message(self) -> str:
+        shown = [message for _, message in self.problems(listed=5)]
+        more = len(shown) - 4
+        return "; ".join(shown[:4]) + (f"; ... (+{more} more shape mismatches)" if more > 0 else "")
+
+
+def _listed(items: tuple[str, ...], limit: int) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def fit_report(expected: Mapping[str, Any], found: Mapping[str, Any]) -> FitReport:
+    """Compare a network's state_dict (`expected`) with the checkpoint's tensors by name and shape."""
+    mismatched = tuple(
+        (k, tuple(expected[k].shape), tuple(found[k].shape)) for k in sorted(set(expected) & set(found))
+        if tuple(expected[k].shape) != tuple(found[k].shape)
+    )
+    return FitReport(tuple(sorted(set(expected) - set(found))), tuple(sorted(set(found) - set(expected))),
+                     mismatched)
+
+
+def load_strict(model: Any, state: Mapping[str, Any]) -> FitReport:
+    """Load `state` into `model` if it fits exactly; else ArchitectureError with the fit report."""
+    report = fit_report(model.state_dict(), state)
+    if not report.ok:
+        raise ArchitectureError(f"weights do not fit {type(model).__name__}: {report.message()} "
+                                "(run `toolkit validate` for the full report)")
+    try:
+        model.load_state_dict(dict(state), strict=True)
+    except (RuntimeError, ValueError, TypeError) as exc:  # e.g. a dtype that cannot be copied
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ArchitectureError(f"weights do not load: {reason}") from None
+    return report

@@ -2,16 +2,18 @@
 
 Built from torchvision's own BasicBlock/Bottleneck so state-dict names match torchvision and
 chenyaofo/pytorch-cifar-models exactly: conv1, bn1, layer{1,2,3}.{i}.conv*/bn*/downsample.{0,1}, fc.
+`CifarResNet` takes plain arguments, as torchvision's `ResNet` does, so it knows nothing of the
+architecture registry (toolkit/archs.py maps names to these arguments).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
-
-from .archs import ArchSpec
 
 
 class ZeroPadShortcut(nn.Module):
@@ -27,22 +29,30 @@ class ZeroPadShortcut(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """3x3 stem without max-pool, three stages at strides 1/2/2, global pool, linear head."""
+    """3x3 stem without max-pool, three stages at strides 1/2/2, global pool, linear head.
 
-    def __init__(self, spec: ArchSpec, num_classes: int, shortcut: str = "A") -> None:
+    Arguments follow torchvision's `ResNet(block, layers, num_classes, groups, width_per_group)`;
+    `shortcut` is the paper's option "A" (zero-pad, basic blocks only) or "B" (1x1 conv).
+    """
+
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: Sequence[int], num_classes: int = 10,
+                 shortcut: str = "A", groups: int = 1, width_per_group: int = 64) -> None:
         super().__init__()
-        block = BasicBlock if spec.block == "basic" else Bottleneck
-        stem_width = 16 if spec.block == "basic" else 64
-        planes = (16, 32, 64) if spec.block == "basic" else (64, 128, 256)
-        self.groups, self.base_width = spec.groups, spec.width_per_group
+        if len(layers) != 3:
+            raise ValueError(f"CIFAR ResNets have three stages, got layers={list(layers)}")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
+        stem_width = 16 if block is BasicBlock else 64
+        planes = (16, 32, 64) if block is BasicBlock else (64, 128, 256)
+        self.groups, self.base_width = groups, width_per_group
         self.shortcut = shortcut
         self.inplanes = stem_width
         self.conv1 = nn.Conv2d(3, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_stage(block, planes[0], spec.layers[0], stride=1)
-        self.layer2 = self._make_stage(block, planes[1], spec.layers[1], stride=2)
-        self.layer3 = self._make_stage(block, planes[2], spec.layers[2], stride=2)
+        self.layer1 = self._make_stage(block, planes[0], layers[0], stride=1)
+        self.layer2 = self._make_stage(block, planes[1], layers[1], stride=2)
+        self.layer3 = self._make_stage(block, planes[2], layers[2], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(planes[2] * block.expansion, num_classes)
         for module in self.modules():
@@ -52,8 +62,9 @@ class CifarResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def _make_stage(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:
-        out_channels = planes * block.expansion  # type: ignore[attr-defined]
+    def _make_stage(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int,
+                    stride: int) -> nn.Sequential:
+        out_channels = planes * block.expansion
         downsample: nn.Module | None = None
         if stride != 1 or self.inplanes != out_channels:
             if self.shortcut == "A" and block is BasicBlock:

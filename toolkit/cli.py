@@ -10,7 +10,7 @@ import functools
 import json
 import sys
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
@@ -18,7 +18,10 @@ from typing import Annotated, Any, Optional, TypeVar
 import typer
 
 from . import __version__
+from .engines import DEFAULT_ENGINE, ENGINES
 from .errors import ToolkitError, UsageError
+from .names import CALIB_METHODS, DATASETS, EXPORT_FORMATS, EXPORT_PRECISIONS
+from .runtime.registry import BACKENDS
 
 SAMPLE_MODEL = Path(__file__).parent / "sample" / "resnet20_digits.pt"
 
@@ -93,28 +96,34 @@ def resolve_model(model: str | None) -> str:
     if configured:
         console(stderr=True).print(f"using model {configured} from project configuration", style="dim")
         return configured
-    console(stderr=True).print(f"no -m given: using the bundled sample model {SAMPLE_MODEL.name}", style="dim")
+    console(stderr=True).print(f"no -m given: using the bundled sample model {SAMPLE_MODEL.name}",
+                               style="dim")
     return str(SAMPLE_MODEL)
 
 
 # --- shared option types ------------------------------------------------------------------------
 
-class DatasetName(str, Enum):
-    cifar10 = "cifar10"
-    cifar100 = "cifar100"
-    folder = "folder"
-    sample = "sample"
+def _choices(name: str, values: Iterable[str]) -> Any:
+    """A `str` Enum for Typer's choices, built from one of the registries' name lists."""
+    return Enum(name, [(value, value) for value in values], type=str)
 
 
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint, TorchScript, ONNX, engine, "
-                                                  "Triton model dir or http://host:port/model. Default: configured or sample.")]
+DatasetName = _choices("DatasetName", DATASETS)
+
+
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", "-m",
+    help="Checkpoint, TorchScript, ONNX, engine, Triton model dir or http://host:port/model. "
+    "Default: configured or sample.")]
 ArchOpt = Annotated[str, typer.Option(help="Architecture name, or 'auto' to infer it from the tensors.")]
-AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow checkpoints that carry pickled code "
-                                              "(whole nn.Module). Only for files you trust.")]
+AllowPickleOpt = Annotated[bool, typer.Option(
+    "--allow-pickle",
+    help="Allow checkpoints that carry pickled code (whole nn.Module). Only for files you trust.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
-DatasetOpt = Annotated[Optional[DatasetName], typer.Option(help="Dataset to measure on.")]
-DataDirOpt = Annotated[Optional[Path], typer.Option(help="Dataset folder (CIFAR root or class-per-subfolder images).")]
-LimitOpt = Annotated[Optional[int], typer.Option(min=1, help="Use only the first N images.")]
+DatasetOpt = Annotated[DatasetName | None, typer.Option(help="Dataset to measure on.")]
+DataDirOpt = Annotated[Path | None, typer.Option(help="Dataset folder (CIFAR root or class-per-subfolder "
+                                                 "images).")]
+LimitOpt = Annotated[int | None, typer.Option(min=1, help="Use only the first N images.")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="Images per inference batch.")]
 
 
@@ -139,23 +148,24 @@ def root(
 def validate(
     model: ModelOpt = None,
     arch: ArchOpt = "auto",
-    classes: Annotated[Optional[str], typer.Option(help="cifar10, cifar100, imagenet, or a file of class names.")] = None,
+    classes: Annotated[str | None, typer.Option(help="cifar10, cifar100, imagenet, or a file of class "
+                                                "names.")] = None,
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
     split: Annotated[str, typer.Option(help="Dataset split for CIFAR: test or train.")] = "test",
     limit: LimitOpt = None,
-    min_accuracy: Annotated[Optional[float], typer.Option(min=0, help="Fail below this top-1 accuracy "
-                                                          "(0-1, or a percentage above 1).")] = None,
+    min_accuracy: Annotated[float | None, typer.Option(min=0, help="Fail below this top-1 accuracy "
+                                                       "(0-1, or a percentage above 1).")] = None,
     batch_size: BatchOpt = 128,
     allow_pickle: AllowPickleOpt = False,
-    write_card: Annotated[bool, typer.Option("--write-card", help="Write CKPT.card.json beside the checkpoint.")] = False,
+    write_card: Annotated[bool, typer.Option("--write-card", help="Write CKPT.card.json beside the "
+                                             "checkpoint.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Check that weights are a healthy ResNet/ResNeXt: architecture, head, load, numerics, accuracy."""
     from .card import sidecar_path
-    from .validate import validate_checkpoint
-
     from .runtime.registry import detect_format
+    from .validate import validate_checkpoint
 
     path = resolve_model(model)
     if detect_format(path) != "checkpoint":
@@ -185,14 +195,8 @@ def validate(
 
 # --- eval / predict / benchmark (issue 4) ---------------------------------------------------------
 
-class BackendName(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    torchscript = "torchscript"
-    onnxruntime = "onnxruntime"
-    openvino = "openvino"
-    tensorrt = "tensorrt"
-    remote = "remote"
+# --backend: "auto" and every backend of the registry (toolkit/runtime/registry.py BACKENDS)
+BackendName = _choices("BackendName", ("auto", *BACKENDS))
 
 
 class DeviceName(str, Enum):
@@ -210,11 +214,48 @@ BackendOpt = Annotated[BackendName, typer.Option(help="Runtime; auto picks the a
 DeviceOpt = Annotated[DeviceName, typer.Option(help="Where to run the model.")]
 
 
-def _open_runner(model: str, backend: BackendName, device: DeviceName, allow_pickle: bool) -> Any:
-    from .runtime.registry import open_model
+def _runner_spec(model: str, backend: Any, device: DeviceName, allow_pickle: bool) -> Any:
+    """What to open (engines open it where the work runs: here, or in each Ray replica)."""
+    from .engines import RunnerSpec
+    from .runtime.registry import detect_format
 
-    options = {"allow_pickle": True} if allow_pickle else {}
-    return open_model(model, backend=backend.value, device=device.value, **options)
+    options = {}
+    if allow_pickle:
+        if detect_format(model) != "checkpoint":
+            raise UsageError("--allow-pickle applies to checkpoints only (other formats hold no pickles)")
+        options["allow_pickle"] = True
+    return RunnerSpec(model, backend.value, device.value, options)
+
+
+def _open_runner(model: str, backend: Any, device: DeviceName, allow_pickle: bool) -> Any:
+    return _runner_spec(model, backend, device, allow_pickle).open()
+
+
+# --engine and its options (issue 13): toolkit/engines/ is the registry of engine names
+EngineName = _choices("EngineName", ENGINES)
+EngineOpt = Annotated[EngineName, typer.Option(help="Where the work runs: local (this process) or ray (Ray "
+                                               "Data on a local or existing Ray cluster; resumable).")]
+AddressOpt = Annotated[str | None, typer.Option(help="--engine ray: the cluster to join, 'auto' (RAY_ADDRESS "
+                                                "or the running one) or ray://host:10001. Default: start one "
+                                                "here.")]
+ReplicasOpt = Annotated[int | None, typer.Option(min=1, help="--engine ray: model replicas (actors). "
+                                                 "Default: one per GPU with --device cuda, else one per 4 "
+                                                 "CPUs.")]
+ShardSizeOpt = Annotated[int | None, typer.Option(min=1, help="--engine ray: rows per output shard "
+                                                  "(predictions/part-NNNNN.parquet). Default: 1000.")]
+
+
+def _engine_options(address: str | None, replicas: int | None, shard_size: int | None) -> dict[str, Any]:
+    given = {"address": address, "replicas": replicas, "shard_size": shard_size}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _unreadable(errors: list[dict[str, str]], total: int) -> None:
+    """Exit 1 after the outputs are written when some images could not be read (error rows)."""
+    if errors:
+        console(stderr=True).print(f"[red]{len(errors)} of {total} images could not be read "
+                                   f"(first: {errors[0]['error']})[/]", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command("eval")
@@ -224,41 +265,53 @@ def eval_command(
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
     split: Annotated[str, typer.Option(help="Dataset split for CIFAR: test or train.")] = "test",
-    download: Annotated[bool, typer.Option("--download", help="Fetch CIFAR into --data-dir if missing.")] = False,
+    download: Annotated[bool, typer.Option("--download", help="Fetch CIFAR into --data-dir if "
+                                           "missing.")] = False,
     backend: BackendOpt = BackendName.auto,
     device: DeviceOpt = DeviceName.cpu,
     batch_size: BatchOpt = 256,
     limit: LimitOpt = None,
-    output_dir: Annotated[Optional[Path], typer.Option(help="Write metrics.json, predictions.csv, "
-                                                       "confusion_matrix.csv, plots and report.html here.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Write metrics.json, predictions.csv, "
+                                                    "confusion_matrix.csv, plots and report.html "
+                                                    "here.")] = None,
     allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
+    engine: EngineOpt = EngineName[DEFAULT_ENGINE],
+    address: AddressOpt = None,
+    replicas: ReplicasOpt = None,
+    shard_size: ShardSizeOpt = None,
 ) -> None:
     """Accuracy, top-5, per-class precision/recall/F1, confusion matrix and speed of any model artifact."""
-    from .data import load_dataset
-    from .evaluate import evaluate
+    from .engines import get_engine
+    from .report import progress_bar, render_eval, write_eval_outputs
 
     if dataset is None:
         if model:
-            raise UsageError("--dataset is required with -m: cifar10, cifar100, folder (with --data-dir) or sample")
+            raise UsageError("--dataset is required with -m: cifar10, cifar100, folder (with --data-dir) "
+                             "or sample")
         dataset = DatasetName.sample
     path = resolve_model(model)
-    data = load_dataset(dataset.value, data_dir, split, download).subset(limit)
-    with _open_runner(path, backend, device, allow_pickle) as runner:
-        report = evaluate(runner, data, batch_size=batch_size, progress=not as_json)
+    run = get_engine(engine.value)
+    data = run.load_dataset(dataset.value, data_dir, split, download).subset(limit)
+    spec = _runner_spec(path, backend, device, allow_pickle)
+    with progress_bar(len(data), f"eval ({engine.value})", enabled=False if as_json else None) as advance:
+        result = run.evaluate(spec, data, batch_size=batch_size, progress=advance, output_dir=output_dir,
+                              **_engine_options(address, replicas, shard_size))
+    report = result.report
     written = {}
     if output_dir is not None:
-        from .report import write_eval_outputs
+        from .engines.shards import set_aside
 
-        written = write_eval_outputs(report, output_dir)
+        with set_aside(output_dir):  # --engine ray's predictions/ shards outlive the report's swap
+            written = write_eval_outputs(report, output_dir)
     if as_json:
         print_json(report.to_dict())
-        return
-    from .report import render_eval
+        return _unreadable(result.errors, len(data))
 
     render_eval(report, console())
     if written:
         console().print(f"wrote {', '.join(p.name for p in written.values())} to {output_dir}")
+    _unreadable(result.errors, len(data))
 
 
 @app.command("predict")
@@ -267,21 +320,34 @@ def predict_command(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive), globs, or - to read "
                                                 "paths from stdin.", show_default=False)],
     model: ModelOpt = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to list per image.")] = 5,
-    fmt: Annotated[PredictFormat, typer.Option("--format", "-f", help="Output format.")] = PredictFormat.table,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to list per "
+                                       "image.")] = 5,
+    fmt: Annotated[PredictFormat, typer.Option("--format", "-f", help="Output format.")] = (
+        PredictFormat.table),
     backend: BackendOpt = BackendName.auto,
     device: DeviceOpt = DeviceName.cpu,
     batch_size: BatchOpt = 32,
     allow_pickle: AllowPickleOpt = False,
+    output_dir: Annotated[Path | None, typer.Option(help="Also write the predictions as shards: "
+                                                    "DIR/predictions/part-NNNNN.parquet and a manifest "
+                                                    "(--engine ray resumes from them).")] = None,
+    engine: EngineOpt = EngineName[DEFAULT_ENGINE],
+    address: AddressOpt = None,
+    replicas: ReplicasOpt = None,
+    shard_size: ShardSizeOpt = None,
 ) -> None:
     """Classify images: class names and softmax probabilities. Exit 1 if any input could not be read."""
-    from .evaluate import gather_inputs, predict
+    from .engines import get_engine
+    from .report import progress_bar
 
-    items = gather_inputs(inputs, sys.stdin if "-" in inputs else None)
+    run = get_engine(engine.value)
+    items = run.gather(inputs, sys.stdin if "-" in inputs else None)
     if not items:
         raise UsageError("no inputs: pass image files, folders, globs, or - with paths on stdin")
-    with _open_runner(resolve_model(model), backend, device, allow_pickle) as runner:
-        results = predict(runner, items, top_k=top_k, batch_size=batch_size)
+    spec = _runner_spec(resolve_model(model), backend, device, allow_pickle)
+    with progress_bar(len(items), f"predict ({engine.value})") as advance:
+        results = run.predict(spec, items, top_k=top_k, batch_size=batch_size, progress=advance,
+                              output_dir=output_dir, **_engine_options(address, replicas, shard_size))
     if fmt is PredictFormat.json:
         print_json(results)
     elif fmt is PredictFormat.csv:
@@ -345,6 +411,53 @@ def benchmark_command(
         raise typer.Exit(1)
 
 
+# --- compare (issue 14) ----------------------------------------------------------------------------
+
+@app.command("compare")
+@handles_errors
+def compare_command(
+    models: Annotated[list[str] | None, typer.Option(
+        "--model", "-m", show_default=False,
+        help="Exactly two: -m A -m B (any artifacts, e.g. an fp32 checkpoint and its int8 ONNX).")] = None,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    split: Annotated[str, typer.Option(help="Dataset split for CIFAR: test or train.")] = "test",
+    backend: BackendOpt = BackendName.auto,
+    device: DeviceOpt = DeviceName.cpu,
+    batch_size: BatchOpt = 256,
+    limit: LimitOpt = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Write comparison.json, disagreements.csv, "
+                                                    "per_class_deltas.csv and report.html here.")] = None,
+    allow_pickle: AllowPickleOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Two models on the same images: metrics side by side, disagreements, McNemar's test of the gap."""
+    from .compare import compare_reports
+    from .data import load_dataset
+    from .evaluate import evaluate
+    from .report import progress_bar, render_compare, write_compare_outputs
+
+    if not models or len(models) != 2:
+        raise UsageError(f"compare needs exactly two models (-m A -m B), got {len(models or [])}")
+    if dataset is None:
+        raise UsageError("--dataset is required: cifar10, cifar100, folder (with --data-dir) or sample")
+    data = load_dataset(dataset.value, data_dir, split).subset(limit)
+    reports = []
+    for label, path in zip("AB", models):
+        with _open_runner(path, backend, device, allow_pickle) as runner, \
+                progress_bar(len(data), f"{label}: eval {runner.backend}",
+                             enabled=False if as_json else None) as advance:
+            reports.append(evaluate(runner, data, batch_size=batch_size, progress=advance))
+    comparison = compare_reports(*reports)
+    written = write_compare_outputs(comparison, output_dir) if output_dir is not None else {}
+    if as_json:
+        print_json(comparison.to_dict())
+        return
+    render_compare(comparison, console())
+    if written:
+        console().print(f"wrote {', '.join(p.name for p in written.values())} to {output_dir}")
+
+
 # --- serve (issue 5) -------------------------------------------------------------------------------
 
 @app.command("serve")
@@ -389,34 +502,23 @@ def serve_command(
 
 # --- export and info ------------------------------------------------------------------------------
 
-class ExportFormat(str, Enum):
-    torchscript = "torchscript"
-    onnx = "onnx"
-    tensorrt = "tensorrt"
-    triton = "triton"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-
-
-class CalibMethod(str, Enum):
-    minmax = "minmax"
-    entropy = "entropy"
-    percentile = "percentile"
+# Choices come from toolkit/names.py, the one list the export pipeline is keyed by.
+ExportFormat = _choices("ExportFormat", EXPORT_FORMATS)
+Precision = _choices("Precision", EXPORT_PRECISIONS)
+CalibMethod = _choices("CalibMethod", CALIB_METHODS)
 
 
 @app.command()
 @handles_errors
 def export(
     model: ModelOpt = None,
-    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="Artifact to write.")] = ExportFormat.onnx,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Destination. Default: beside the "
-                                                  "checkpoint (model.pt -> model.onnx, model.int8.onnx, model.ts).")] = None,
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="Artifact to write.")] = "onnx",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Destination file, or an existing folder to "
+                                                  "write <stem>.<ext> in (for triton: the model repository). Default: "
+                                                  "beside the checkpoint (model.pt -> model.onnx, model.int8.onnx, "
+                                                  "model.ts).")] = None,
     precision: Annotated[Precision, typer.Option(help="fp16/int8 live in the ONNX itself (also the TensorRT path).")]
-    = Precision.fp32,
+    = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset (18+ uses the dynamo exporter, older the legacy one).")] = 18,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size of a --static export.")] = 1,
     dynamic: Annotated[bool, typer.Option("--dynamic/--static", help="Dynamic batch axis, or fixed --batch-size.")]
@@ -425,7 +527,7 @@ def export(
                                                                  "when there is one) and for verification.")] = None,
     data_dir: DataDirOpt = None,
     calib_size: Annotated[int, typer.Option(min=1, help="Calibration images (class-balanced, seeded).")] = 512,
-    calib_method: Annotated[CalibMethod, typer.Option(help="int8 range estimation.")] = CalibMethod.minmax,
+    calib_method: Annotated[CalibMethod, typer.Option(help="int8 range estimation.")] = "minmax",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check the artifact against eager PyTorch.")]
     = True,
     verify_samples: Annotated[int, typer.Option(min=1, help="Images used by the parity check.")] = 512,
@@ -447,12 +549,13 @@ def export(
     from export.pipeline import run_export
     from export.verify import Tolerances
 
-    if calib_dataset is DatasetName.folder and data_dir is None:
+    if calib_dataset is not None and calib_dataset.value == "folder" and data_dir is None:
         raise UsageError("--calib-dataset folder needs --data-dir pointing at class-per-subfolder images")
     result = run_export(
-        resolve_model(model), format.value, output, precision=precision.value, opset=opset, batch_size=batch_size,
-        dynamic=dynamic, calib_dataset=calib_dataset.value if calib_dataset else None, data_dir=data_dir,
-        calib_size=calib_size, calib_method=calib_method.value, do_verify=verify, verify_samples=verify_samples,
+        resolve_model(model), _value(format), output, precision=_value(precision), opset=opset,
+        batch_size=batch_size, dynamic=dynamic, calib_dataset=calib_dataset.value if calib_dataset else None,
+        data_dir=data_dir, calib_size=calib_size, calib_method=_value(calib_method), do_verify=verify,
+        verify_samples=verify_samples,
         tolerances=Tolerances(atol=atol, rtol=rtol, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop),
         device=device, arch=None if arch == "auto" else arch, allow_pickle=allow_pickle,
         **{k: v for k, v in {"max_batch": max_batch, "workspace_gb": workspace_gb, "timing_cache": timing_cache,
@@ -472,16 +575,19 @@ def export(
             out.print(f"[{style}]verify {escape(result.verify.summary())}[/]")
         else:
             out.print("[yellow]not verified (--no-verify)[/]")
-    if not result.ok:
-        reasons = "; ".join(result.verify.failures) if result.verify else ""
-        raise fail(f"verification failed ({reasons}); the artifact was kept aside as {result.path}", 1)
+    result.check()  # VerificationError: one red line, exit 1; the artifact stays aside
+
+
+def _value(choice: Any) -> str:
+    """An Enum choice's value (Typer passes members; a default given as its value stays a str)."""
+    return str(getattr(choice, "value", choice))
 
 
 @app.command()
 @handles_errors
 def info(model: ModelOpt = None, as_json: JsonOpt = False) -> None:
     """Print the card and the facts of any model file: format, precision, shapes, opset/TensorRT version, size."""
-    from .artifact_info import describe_artifact
+    from .artifacts import describe_artifact
 
     facts = describe_artifact(resolve_model(model))
     if as_json:

@@ -24,9 +24,10 @@ import numpy as np
 from .card import ModelCard
 from .errors import DataError, UsageError
 from .images import IMAGE_SUFFIXES, decode_image
+from .paths import read_bytes_bounded, require_dir
+from .names import DATASETS
 from .preprocess import preprocess, to_uint8
 
-DATASETS = ("cifar10", "cifar100", "folder", "sample")
 SAMPLE_DIR = Path(__file__).parent / "sample" / "digits-batches-py"
 
 CIFAR = {
@@ -53,35 +54,169 @@ CIFAR = {
 }
 
 
+# Limits (README "Limits and safety"). The official batches are 31 MB (CIFAR-10) and 155 MB (CIFAR-100
+# train); everything read from a batch is bounded by its file size (see `_Budget`).
+MAX_PICKLE_BYTES = 1 << 30
+MAX_CIFAR_CLASSES = 100_000
+CIFAR_ROW = 3 * 32 * 32
+
+
+def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+    """numpy's array rebuild, limited to what numpy's pickles use: an empty ndarray that the next
+    `__setstate__` fills from bytes in the file (so an array can never be larger than its bytes)."""
+    from numpy._core.multiarray import _reconstruct as rebuild
+
+    if subtype is not np.ndarray or not isinstance(shape, tuple) or not all(
+            isinstance(n, int) and 0 <= n <= 1 for n in shape):
+        raise pickle.UnpicklingError("refusing an array rebuild that is not numpy's own (an empty ndarray)")
+    return rebuild(subtype, shape, dtype)
+
+
+def _bytes(*args: Any) -> bytes:
+    """`bytes()` as Python 2-compatible pickles use it for empty values; `bytes(n)` (n zero bytes
+    from a few bytes of pickle) is refused."""
+    if args and isinstance(args[0], int):
+        raise pickle.UnpicklingError("refusing bytes(n): a size, not content")
+    return bytes(*args)
+
+
 class _SafeUnpickler(pickle.Unpickler):
     """Rebuilds numpy arrays and builtins only; anything else is refused before it runs."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
         # protocol >= 5 pickles of arrays (str-keyed batches re-saved with Python 3) rebuild via this
         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     }
+    _WRAPPED = {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        # protocol-2 pickles written by Python 3 store an empty bytes value (an empty filename, a
+        # 0-row array's data) as `bytes()`
+        ("builtins", "bytes"): _bytes, ("__builtin__", "bytes"): _bytes,
+    }
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._WRAPPED:
+            return self._WRAPPED[module, name]
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def safe_unpickle(path: Path) -> dict[str, Any]:
-    """Read one CIFAR batch; bytes keys (Python 2 pickles) become str keys."""
+_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def _prescan(data: bytes) -> None:
+    """Walk the opcodes without building anything: every length prefix must fit in the file
+    (a BINBYTES8 claiming 1 TiB) and every memo index must be one the pickler could have
+    assigned (a LONG_BINPUT at 2**32 makes the C unpickler allocate and zero a 32 GB memo)."""
+    import pickletools
+
     try:
-        with path.open("rb") as handle:
-            obj = _SafeUnpickler(handle, encoding="bytes").load()
-    except FileNotFoundError:
-        raise DataError(f"missing CIFAR file {path}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise DataError(f"{path}: not a valid CIFAR batch ({exc})") from None
+        for count, (opcode, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
+            if opcode.name in _MEMO_PUTS and not (isinstance(arg, int) and 0 <= arg <= count):
+                raise pickle.UnpicklingError(f"memo index {arg} out of range")
+    except (ValueError, OverflowError) as exc:  # genops: "expected N bytes ... but only M remain"
+        raise pickle.UnpicklingError(str(exc).splitlines()[0][:200]) from None
+
+
+def safe_unpickle(path: Path) -> dict[str, Any]:
+    """Read one CIFAR batch; bytes keys (Python 2 pickles) become str keys.
+
+    Only a regular file of at most `MAX_PICKLE_BYTES` is read, its opcodes are checked before any
+    object is built, and only numpy arrays and plain containers come out.
+    """
+    data = read_bytes_bounded(path, MAX_PICKLE_BYTES, what="CIFAR file")
+    try:
+        _prescan(data)
+        obj = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except MemoryError:
+        raise DataError(f"{path}: not a valid CIFAR batch (it asks for more memory than its size allows)") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+            OverflowError, RecursionError, UnicodeDecodeError, LookupError) as exc:
+        raise DataError(f"{path}: not a valid CIFAR batch ({str(exc)[:200]})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: not a valid CIFAR batch (found {type(obj).__name__})")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+    return {(k.decode("utf-8", "replace") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+class _Budget:
+    """How many values a batch may expand to: its file size. A legitimate pickle spends at least
+    one byte per value (numpy data) or two (a list of ints), so shared references (one row listed
+    a million times: a tiny file, a 3 GB array) are refused before numpy sees them."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path, self.left = path, max(size, 1 << 16)
+
+    def spend(self, count: int, what: str) -> None:
+        if count > self.left:
+            raise DataError(f"{self.path}: not a valid CIFAR batch ({what} expands beyond the file's size)")
+        self.left -= count
+
+
+def _field(batch: dict[str, Any], key: str, path: Path) -> Any:
+    if key not in batch:
+        found = ", ".join(sorted(map(str, batch))[:8]) or "nothing"
+        raise DataError(f"{path}: not a valid CIFAR batch (no {key!r}; found {found})")
+    return batch[key]
+
+
+def _integers(value: Any, key: str, path: Path, budget: _Budget, width: int | None = None) -> np.ndarray:
+    """An integer ndarray (1-D, or rows of `width`) from a list or array, within the budget."""
+    what = f"{path}: {key!r}"
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "iu":
+            raise DataError(f"{what} must hold integers, found {value.dtype} values")
+        budget.spend(value.size, key)
+        array = value
+    elif isinstance(value, (list, tuple)):
+        # a pickled list spends >= 2 bytes of file per value: charge that, so numpy's 8 bytes per
+        # value stay within 4x the file size
+        if width is not None:
+            if not all(isinstance(r, (list, tuple, np.ndarray)) and len(r) == width for r in value):
+                raise DataError(f"{what} must be rows of {width} values")
+            budget.spend(2 * len(value) * width, key)
+        else:
+            budget.spend(2 * len(value), key)
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise DataError(f"{what} must hold integers ({str(exc)[:120]})") from None
+        if array.size and array.dtype.kind not in "iu":
+            raise DataError(f"{what} must hold integers, found {array.dtype.name} values")
+        array = array.astype(np.int64) if not array.size else array
+    else:
+        raise DataError(f"{what} must be a list or an array, found {type(value).__name__}")
+    shape = (len(array), width) if width is not None else (len(array),)
+    if array.shape != shape and not (array.size == 0 and len(array) == 0):
+        expected = f"(N, {width})" if width is not None else "(N,)"
+        raise DataError(f"{what}: expected shape {expected}, got {array.shape}")
+    return array.reshape(shape)
+
+
+def _class_names(meta: dict[str, Any], key: str, path: Path) -> tuple[str, ...]:
+    names = _field(meta, key, path)
+    if not isinstance(names, (list, tuple)) or not 1 <= len(names) <= MAX_CIFAR_CLASSES:
+        raise DataError(f"{path}: {key!r} must be a list of 1..{MAX_CIFAR_CLASSES} class names")
+    if not all(isinstance(n, (str, bytes)) and len(n) <= 1000 for n in names):
+        raise DataError(f"{path}: {key!r} must hold strings of at most 1000 characters")
+    return tuple(n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names)
+
+
+def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, 32, 32, 3) images and int64 (N,) labels from one batch, every field checked."""
+    batch = safe_unpickle(path)
+    budget = _Budget(path, path.stat().st_size)
+    data = _integers(_field(batch, "data", path), "data", path, budget, CIFAR_ROW)
+    labels = _integers(_field(batch, label_key, path), label_key, path, budget)
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise DataError(f"{path}: pixel values outside 0..255 (found {data.min()}..{data.max()})")
+    if len(labels) != len(data):
+        raise DataError(f"{path}: {len(labels)} labels for {len(data)} images")
+    images = data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, labels.astype(np.int64, copy=False)
 
 
 @dataclass
@@ -157,7 +292,7 @@ class Dataset:
 def _cifar_folder(root: Path, name: str) -> Path:
     spec = CIFAR[name]
     for candidate in (root / spec["folder"], root):
-        if (candidate / spec["meta"]).is_file():
+        if (candidate / spec["meta"]).exists():  # a FIFO or folder here is refused when read, not skipped
             return candidate
     raise DataError(
         f"{name} not found under {root}: expected {root / spec['folder']}/ with "
@@ -177,22 +312,20 @@ def load_cifar(root: str | Path, name: str = "cifar10", split: str = "test", dow
         download_cifar(root, name)
     folder = _cifar_folder(root, name)
     spec = CIFAR[name]
-    meta = safe_unpickle(folder / spec["meta"])
-    names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[spec["names_key"]])
+    meta_path = folder / spec["meta"]
+    names = _class_names(safe_unpickle(meta_path), spec["names_key"], meta_path)
     files = [p for pattern in spec[split] for p in sorted(folder.glob(pattern))]
     if not files:
         raise DataError(f"{folder}: no {split} batches ({', '.join(spec[split])})")
     images, labels = [], []
     for path in files:
-        batch = safe_unpickle(path)
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise DataError(f"{path}: expected rows of 3072 bytes, got {data.shape}")
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[spec["label_key"]], dtype=np.int64))
+        batch_images, batch_labels = read_cifar_batch(path, spec["label_key"])
+        images.append(batch_images)
+        labels.append(batch_labels)
     label_array = np.concatenate(labels)
     if label_array.size and (label_array.min() < 0 or label_array.max() >= len(names)):
-        raise DataError(f"{folder}: labels outside 0..{len(names) - 1}")
+        raise DataError(f"{folder}: labels outside 0..{len(names) - 1} "
+                        f"(found {label_array.min()}..{label_array.max()})")
     return Dataset(name=f"{name}-{split}", class_names=names, labels=label_array,
                    images=np.ascontiguousarray(np.concatenate(images)))
 
@@ -221,9 +354,7 @@ def is_image_file(path: Path) -> bool:
 
 def load_image_folder(root: str | Path) -> Dataset:
     """class-per-subfolder layout (torchvision's ImageFolder); class names from folder names."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder not found: {root}")
+    root = require_dir(root, what="image folder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     paths, labels = [], []
     for index, class_name in enumerate(classes):

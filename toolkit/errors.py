@@ -52,3 +52,15 @@ class BackendUnavailableError(ToolkitError):
     """A runtime library or device is missing; the message says what to install or which device."""
 
     http_status = 503
+
+
+class NoSpaceError(ToolkitError):
+    """The filesystem is full (or over quota): "no space left on <path>"; nothing partial is left behind."""
+
+    http_status = 507
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """A foreign exception's first line, for one-line messages (protobuf, ORT and TensorRT write walls)."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

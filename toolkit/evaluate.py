@@ -23,7 +23,7 @@ from .card import ModelCard, generic_class_names
 from .data import Dataset, expand_inputs
 from .errors import DataError, ToolkitError
 from .images import decode_image
-from .metrics import ConfusionMatrix
+from .metrics import Calibration, ConfusionMatrix, top_confusions
 from .preprocess import preprocess, to_uint8
 from .runtime.base import Runner
 
@@ -105,8 +105,9 @@ class LoopTiming:
         return self.images / self.model_seconds if self.model_seconds > 0 and self.images else 0.0
 
 
-def iterate_logits(runner: Runner, dataset: Dataset, batch_size: int = 256, *, timing: LoopTiming | None = None,
-                   progress: Progress | None = None, prefetch_depth: int = 2) -> Iterator[np.ndarray]:
+def iterate_logits(runner: Runner, dataset: Dataset, batch_size: int = 256, *,
+                   timing: LoopTiming | None = None, progress: Progress | None = None,
+                   prefetch_depth: int = 2) -> Iterator[np.ndarray]:
     """Logits batch by batch, in dataset order; data for the next batches is prepared meanwhile."""
     timing = timing if timing is not None else LoopTiming()
     start = time.perf_counter()
@@ -159,7 +160,8 @@ def align_dataset(dataset: Dataset, card: ModelCard) -> Dataset:
     try:
         return dataset.aligned_to(card.class_names)
     except DataError:
-        if card.class_names == generic_class_names(card.num_classes) and len(dataset.class_names) == card.num_classes:
+        generic = card.class_names == generic_class_names(card.num_classes)
+        if generic and len(dataset.class_names) == card.num_classes:
             return Dataset(dataset.name, card.class_names, dataset.labels, dataset.images, dataset.paths)
         raise
 
@@ -181,6 +183,9 @@ class EvalReport:
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     predictions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     confidences: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    true_probabilities: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    calibration: Calibration = field(default_factory=Calibration)
+    data: Dataset | None = field(default=None, repr=False)  # the aligned inputs, for the error gallery
 
     @property
     def accuracy(self) -> float:
@@ -210,8 +215,16 @@ class EvalReport:
             "precision": self.precision,
             "dataset": self.dataset,
             "batch_size": self.batch_size,
+            "calibration": self.calibration.to_dict(),
+            "errors": {"misclassified": int(self.metrics.num_samples - np.trace(self.metrics.matrix)),
+                       "top_confusions": top_confusions(self.metrics.matrix, self.class_names)},
         })
         return data
+
+    def misclassified(self) -> np.ndarray:
+        """Indices of the wrong predictions, most confident first (the error gallery's order)."""
+        wrong = np.flatnonzero(self.predictions != self.labels)
+        return wrong[np.argsort(-self.confidences[wrong], kind="stable")]
 
     def prediction_rows(self) -> Iterator[tuple[int, str, str, str, float]]:
         """(index, input, label, predicted, confidence) per sample, for predictions.csv."""
@@ -221,42 +234,40 @@ class EvalReport:
 
 
 def evaluate(runner: Runner, dataset: Dataset, batch_size: int = 256,
-             progress: bool | Progress | None = None) -> EvalReport:
+             progress: Progress | None = None) -> EvalReport:
     """Accuracy, top-5, per-class precision/recall/F1 and speed of `runner` on a labelled dataset.
 
-    `progress`: a callback taking the number of images just done, or True for a rich progress bar
-    on stderr (shown only when stderr is a terminal).
+    `progress`, if given, is called with the number of images each batch finished; drawing a bar is
+    the caller's business (the CLI's), so the library never imports the renderer.
     """
     data = align_dataset(dataset, runner.card)
     assert data.labels is not None
     metrics = ConfusionMatrix(runner.card.num_classes)
     predictions = np.empty(len(data), dtype=np.int64)
     confidences = np.empty(len(data), dtype=np.float32)
+    true_probabilities = np.empty(len(data), dtype=np.float32)
+    calibration = Calibration()
     timing = LoopTiming()
 
-    def run(advance: Progress | None) -> None:
-        done = 0
-        for logits in iterate_logits(runner, data, batch_size, timing=timing, progress=advance):
-            n = len(logits)
-            labels = data.labels[done:done + n]
-            metrics.add_scores(labels, logits)
-            predictions[done:done + n] = logits.argmax(1)
-            confidences[done:done + n] = softmax(logits).max(1)
-            done += n
-
-    if progress is True:
-        from .report import progress_bar
-
-        with progress_bar(len(data), f"eval {runner.backend}") as advance:
-            run(advance)
-    else:
-        run(progress or None)
+    done = 0
+    for logits in iterate_logits(runner, data, batch_size, timing=timing, progress=progress):
+        n = len(logits)
+        metrics.add_scores(data.labels[done:done + n], logits)
+        predictions[done:done + n] = logits.argmax(1)
+        labels = data.labels[done:done + n]
+        probabilities = softmax(logits)
+        confidences[done:done + n] = probabilities.max(1)
+        true_probabilities[done:done + n] = probabilities[np.arange(n), labels]
+        calibration.add_logits(labels, logits)
+        done += n
     describe = runner.describe()
     return EvalReport(
-        metrics=metrics, class_names=runner.card.class_names, model=str(runner.source), backend=runner.backend,
-        device=str(describe.get("device", runner.device)), precision=str(describe.get("precision", "fp32")),
-        dataset=data.name, batch_size=batch_size, timing=timing, ids=data.ids(), labels=data.labels,
-        predictions=predictions, confidences=confidences,
+        metrics=metrics, class_names=runner.card.class_names, model=str(runner.source),
+        backend=runner.backend, device=str(describe.get("device", runner.device)),
+        precision=str(describe.get("precision", "fp32")), dataset=data.name, batch_size=batch_size,
+        timing=timing, ids=data.ids(), labels=data.labels,
+        predictions=predictions, confidences=confidences, true_probabilities=true_probabilities,
+        calibration=calibration, data=data,
     )
 
 
@@ -331,7 +342,8 @@ def predict(runner: Runner, inputs: Sequence[str | Path | PredictInput], top_k: 
             if good:
                 probabilities = softmax(runner(preprocess(np.stack([loaded[j] for j in good]), card)))
                 for row, j in enumerate(good):
-                    answers[j] = {"input": chunk[j].name, "top": top_k_entries(probabilities[row], card.class_names, k)}
+                    top = top_k_entries(probabilities[row], card.class_names, k)
+                    answers[j] = {"input": chunk[j].name, "top": top}
             for j, item in enumerate(chunk):
                 results.append(answers.get(j) or {"input": item.name, "error": loaded[j]})
             if progress is not None:

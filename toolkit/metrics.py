@@ -59,7 +59,7 @@ class ConfusionMatrix:
         # top-k is only meaningful when there are more than k classes to choose among.
         self.top_k = tuple(sorted({int(k) for k in top_k if 1 <= k <= num_classes}))
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-        self.topk_counts: dict[int, int] = {k: 0 for k in self.top_k}
+        self.topk_counts: dict[int, int] = dict.fromkeys(self.top_k, 0)
         self.topk_samples = 0  # samples that came with scores (top-k needs them)
 
     # --- accumulation ---------------------------------------------------------------------
@@ -185,7 +185,8 @@ class ConfusionMatrix:
         if not mask.any():
             return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
         if kind == "macro":
-            return {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())}
+            return {"precision": float(precision.mean()), "recall": float(recall.mean()),
+                    "f1": float(f1.mean())}
         total = support.sum()
         if total == 0:
             return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
@@ -219,3 +220,173 @@ class ConfusionMatrix:
 
     def __repr__(self) -> str:
         return f"ConfusionMatrix(num_classes={self.num_classes}, samples={self.num_samples})"
+
+
+# --- calibration ----------------------------------------------------------------------------------
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-probabilities in float64, stable for any logit range (no log of an underflowed 0)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+class Calibration:
+    """Can the confidences be trusted? Mergeable sums behind ECE, MCE, NLL and the Brier score.
+
+    Definitions (Guo et al. 2017, as torchmetrics' `MulticlassCalibrationError`):
+
+    - confidence = the top-1 softmax probability; a sample is correct when its argmax is the label;
+    - `n_bins` equal-width bins over [0, 1], each closed on the left ([lo, hi)); the last one also
+      holds 1.0 (torchmetrics puts an exact 1.0 into a bin of its own);
+    - ECE = sum over bins of (count / N) * |accuracy - mean confidence|; MCE = the largest such gap
+      over non-empty bins;
+    - NLL = mean of -log p(true class), from log-softmax of the logits (scikit-learn's `log_loss`
+      without its clipping at 2.2e-16);
+    - Brier = mean over samples of sum_k (p_k - onehot_k)^2 (0 best, 2 worst; scikit-learn's
+      multiclass `brier_score_loss`).
+    """
+
+    def __init__(self, n_bins: int = 15) -> None:
+        if n_bins < 1:
+            raise InputError(f"n_bins must be >= 1, got {n_bins}")
+        self.n_bins = int(n_bins)
+        self.counts = np.zeros(self.n_bins, dtype=np.int64)
+        self.correct = np.zeros(self.n_bins, dtype=np.int64)
+        self.confidence_sums = np.zeros(self.n_bins, dtype=np.float64)
+        self.nll_sum = 0.0
+        self.brier_sum = 0.0
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(0.0, 1.0, self.n_bins + 1)
+
+    def bin_of(self, confidences: np.ndarray) -> np.ndarray:
+        """Bin index of each confidence ([lo, hi) bins; 1.0 in the last)."""
+        index = np.searchsorted(self.edges, np.asarray(confidences, dtype=np.float64), side="right") - 1
+        return np.clip(index, 0, self.n_bins - 1)
+
+    def add_confidences(self, confidences: np.ndarray, correct: np.ndarray) -> Calibration:
+        """Count top-1 confidences and whether each prediction was right (the binned part only)."""
+        confidences = np.asarray(confidences, dtype=np.float64).reshape(-1)
+        correct = np.asarray(correct, dtype=bool).reshape(-1)
+        if confidences.shape != correct.shape:
+            raise InputError(f"{len(confidences)} confidences but {len(correct)} correctness flags")
+        if confidences.size and not (np.isfinite(confidences).all() and confidences.min() >= 0
+                                     and confidences.max() <= 1):
+            raise InputError("confidences must be probabilities in [0, 1]")
+        index = self.bin_of(confidences)
+        self.counts += np.bincount(index, minlength=self.n_bins)
+        self.correct += np.bincount(index, weights=correct, minlength=self.n_bins).astype(np.int64)
+        self.confidence_sums += np.bincount(index, weights=confidences, minlength=self.n_bins)
+        return self
+
+    def add_logits(self, labels: np.ndarray, logits: np.ndarray) -> Calibration:
+        """Count one batch of (labels, logits (N, classes)); probabilities are their softmax."""
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        logits = np.asarray(logits)
+        if logits.ndim != 2 or len(logits) != len(labels):
+            raise InputError(f"logits must be shaped ({len(labels)}, classes), got {logits.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+            raise InputError(f"labels outside 0..{logits.shape[1] - 1}")
+        log_probs = log_softmax(logits)
+        probs = np.exp(log_probs)
+        rows = np.arange(len(labels))
+        predicted = np.asarray(logits).argmax(1)
+        self.add_confidences(probs[rows, predicted], predicted == labels)
+        self.nll_sum += float(-log_probs[rows, labels].sum())
+        true_prob = probs[rows, labels]
+        self.brier_sum += float(((probs ** 2).sum(1) - 2 * true_prob + 1).sum())
+        return self
+
+    def merge(self, other: Calibration) -> Calibration:
+        """A new object holding both sets of sums (the inputs are unchanged)."""
+        if other.n_bins != self.n_bins:
+            raise InputError(f"cannot merge {other.n_bins}-bin calibration into a {self.n_bins}-bin one")
+        out = Calibration(self.n_bins)
+        out.counts = self.counts + other.counts
+        out.correct = self.correct + other.correct
+        out.confidence_sums = self.confidence_sums + other.confidence_sums
+        out.nll_sum = self.nll_sum + other.nll_sum
+        out.brier_sum = self.brier_sum + other.brier_sum
+        return out
+
+    __add__ = merge
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.counts.sum())
+
+    def bin_accuracy(self) -> np.ndarray:
+        return _safe_divide(self.correct, self.counts)
+
+    def bin_confidence(self) -> np.ndarray:
+        return _safe_divide(self.confidence_sums, self.counts)
+
+    def gaps(self) -> np.ndarray:
+        """|accuracy - mean confidence| per bin (0 for empty bins)."""
+        return np.abs(self.bin_accuracy() - self.bin_confidence())
+
+    @property
+    def ece(self) -> float:
+        n = self.num_samples
+        return float((self.gaps() * self.counts).sum() / n) if n else 0.0
+
+    @property
+    def mce(self) -> float:
+        filled = self.counts > 0
+        return float(self.gaps()[filled].max()) if filled.any() else 0.0
+
+    @property
+    def nll(self) -> float | None:
+        """None when only confidences were added (NLL and Brier need the full probabilities)."""
+        n = self.num_samples
+        return self.nll_sum / n if n else None
+
+    @property
+    def brier(self) -> float | None:
+        n = self.num_samples
+        return self.brier_sum / n if n else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `calibration` object of `eval --json`: the four figures plus the reliability bins."""
+        edges, accuracy, confidence = self.edges, self.bin_accuracy(), self.bin_confidence()
+        return {
+            "ece": self.ece, "mce": self.mce, "nll": self.nll, "brier": self.brier, "n_bins": self.n_bins,
+            "bins": [
+                {"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": int(self.counts[b]),
+                 "accuracy": float(accuracy[b]) if self.counts[b] else None,
+                 "confidence": float(confidence[b]) if self.counts[b] else None}
+                for b in range(self.n_bins)
+            ],
+        }
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Calibration) and self.n_bins == other.n_bins
+                and np.array_equal(self.counts, other.counts) and np.array_equal(self.correct, other.correct)
+                and np.allclose(self.confidence_sums, other.confidence_sums, rtol=1e-12, atol=0))
+
+    def __repr__(self) -> str:
+        return f"Calibration(n_bins={self.n_bins}, samples={self.num_samples}, ece={self.ece:.4f})"
+
+
+def top_confusions(matrix: np.ndarray, class_names: Sequence[str], limit: int = 10) -> list[dict[str, Any]]:
+    """The most frequent (true -> predicted) mistakes: count, share of all mistakes, share of the true class.
+
+    Ties: the larger count first, then the true class index, then the predicted one (stable output).
+    """
+    matrix = np.asarray(matrix, dtype=np.int64)
+    errors = matrix.copy()
+    np.fill_diagonal(errors, 0)
+    total = int(errors.sum())
+    if total == 0 or limit < 1:
+        return []
+    support = matrix.sum(1)
+    true_idx, pred_idx = np.nonzero(errors)
+    counts = errors[true_idx, pred_idx]
+    order = np.lexsort((pred_idx, true_idx, -counts))[:limit]
+    return [
+        {"true": class_names[true_idx[o]], "predicted": class_names[pred_idx[o]], "count": int(counts[o]),
+         "share": int(counts[o]) / total, "true_class_rate": int(counts[o]) / int(support[true_idx[o]])}
+        for o in order
+    ]

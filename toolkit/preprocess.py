@@ -16,6 +16,9 @@ import numpy as np
 from .card import ModelCard
 from .errors import InputError
 
+# Largest intermediate image (the whole image resized, before the centre crop): 16 M pixels, 48 MB.
+MAX_RESIZE_PIXELS = 16_000_000
+
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
@@ -36,6 +39,12 @@ def to_uint8(image: Image.Image, card: ModelCard) -> np.ndarray:
 
     Matches torchvision's `Resize(resize_size)` + `CenterCrop(input)` on PIL images. When the image
     already has the input size, it is used as it is (CIFAR images are not resized).
+
+    The full resize is bounded: past `MAX_RESIZE_PIXELS` (a 1,000,000x1 image would resize to
+    256,000,000x256), Pillow resizes only the source region under the crop (`box`) straight to
+    the input size, with the same sampling positions and filter support (within one or two grey
+    levels: Pillow keeps box coordinates in single precision), so any aspect ratio costs one
+    input-sized image.
     """
     image = image if image.mode == "RGB" else image.convert("RGB")
     height, width = card.height, card.width
@@ -43,9 +52,13 @@ def to_uint8(image: Image.Image, card: ModelCard) -> np.ndarray:
         w, h = image.size
         scale = card.resize_size / min(w, h)
         new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+        left, top = int(round((new_w - width) / 2.0)), int(round((new_h - height) / 2.0))
+        if new_w * new_h > MAX_RESIZE_PIXELS:
+            sx, sy = w / new_w, h / new_h  # source pixels per resized pixel, as Pillow computes them
+            box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+            return np.asarray(image.resize((width, height), _resample(card.interpolation), box=box), dtype=np.uint8)
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), _resample(card.interpolation))
-        left, top = int(round((new_w - width) / 2.0)), int(round((new_h - height) / 2.0))
         image = image.crop((left, top, left + width, top + height))
     return np.asarray(image, dtype=np.uint8)
 

@@ -9,6 +9,7 @@ byte count in `parameters.binary_data_size`) and the classification extension (B
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,8 @@ def v2_to_np(datatype: str) -> np.dtype:
     try:
         return np.dtype(_V2_TO_NP[datatype])
     except KeyError:
-        raise ProtocolError(f"unsupported datatype {datatype!r}; expected one of {', '.join(_V2_TO_NP)}") from None
+        raise ProtocolError(f"unsupported datatype {_short(datatype)}; expected one of "
+                            f"{', '.join(_V2_TO_NP)}") from None
 
 
 def np_to_v2(dtype: Any) -> str:
@@ -113,31 +115,67 @@ class InferRequest:
         return bool(self.parameters.get("binary_data_output", False))
 
 
+MAX_DIMS = 32  # dimensions of one tensor (numpy allows 64)
+MAX_DIM = 2**40  # one dimension; any real tensor is far smaller, and the product stays an exact int
+
+
 def _element_count(shape: Sequence[int]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    return math.prod(shape)  # exact Python int: no int64 overflow for hostile shapes
 
 
 def _parse_shape(value: Any, name: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in value):
-        raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers, got {value!r}")
+        raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers, got "
+                            f"{_short(value)}")
+    if len(value) > MAX_DIMS or any(d > MAX_DIM for d in value):
+        raise ProtocolError(f"input {name!r}: shape {_short(value)} is out of range (at most {MAX_DIMS} "
+                            f"dimensions of at most {MAX_DIM})")
     return value
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A bounded description of a client's value for an error message (never a deep repr)."""
+    if isinstance(value, list):
+        text = "[" + ", ".join(repr(v) if isinstance(v, (int, float, str)) else type(v).__name__
+                               for v in value[:8]) + (", ...]" if len(value) > 8 else "]")
+    else:
+        plain = isinstance(value, (int, float, str, bool)) or value is None
+        text = repr(value) if plain else type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _flat_values(data: Any, levels: int, name: str) -> list[Any]:
+    """JSON tensor data, flat or nested, as one flat list; nesting deeper than `levels` is refused."""
+    if not isinstance(data, list):
+        return [data]
+    if not any(isinstance(v, list) for v in data):
+        return data
+    if levels <= 1:
+        raise ProtocolError(f"input {name!r}: 'data' is nested deeper than its shape")
+    flat: list[Any] = []
+    for item in data:
+        flat.extend(_flat_values(item, levels - 1, name) if isinstance(item, list) else [item])
+    return flat
 
 
 def _json_tensor(raw: Mapping[str, Any], datatype: str, shape: list[int], name: str) -> np.ndarray:
     data = raw.get("data")
     if data is None:
         raise ProtocolError(f"input {name!r}: no 'data' and no 'binary_data_size' parameter")
-    flat = np.asarray(data, dtype=object).reshape(-1) if isinstance(data, list) else np.asarray([data], dtype=object)
+    flat = _flat_values(data, max(1, len(shape)), name)
     if len(flat) != _element_count(shape):
-        raise ProtocolError(f"input {name!r}: shape {shape} needs {_element_count(shape)} values, got {len(flat)}")
+        raise ProtocolError(f"input {name!r}: shape {shape} needs {_element_count(shape)} values, "
+                            f"got {len(flat)}")
     if datatype == "BYTES":
-        return np.array([v.encode("utf-8") if isinstance(v, str) else v for v in flat], dtype=object).reshape(shape)
-    values = flat.tolist()
-    if not all(isinstance(v, (int, float)) for v in values):  # bool is an int; None and str are not
+        if not all(isinstance(v, str) for v in flat):
+            raise ProtocolError(f"input {name!r}: 'data' must hold only strings for BYTES")
+        return np.array([v.encode("utf-8") for v in flat], dtype=object).reshape(shape)
+    if not all(isinstance(v, (int, float)) for v in flat):  # bool is an int; None, str, dict are not
         raise ProtocolError(f"input {name!r}: 'data' must hold only numbers for {datatype}")
     try:
-        return np.asarray(values, dtype=v2_to_np(datatype)).reshape(shape)
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range floats -> inf: the caller decides
+            return np.asarray(flat, dtype=v2_to_np(datatype)).reshape(shape)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"input {name!r}: data is not valid {datatype} ({exc})") from None
 
@@ -171,7 +209,9 @@ def split_body(body: bytes, header_length: str | int | None) -> tuple[dict[str, 
             raise ProtocolError(f"{HEADER_LENGTH} {size} is outside the body of {len(body)} bytes")
     try:
         header = json.loads(bytes(view[:size]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise ProtocolError("request header is nested too deeply to be a v2 request") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and ints of over 4300 digits
         raise ProtocolError(f"request header is not valid JSON ({exc}); binary tensors need the "
                             f"{HEADER_LENGTH} header") from None
     if not isinstance(header, dict):
@@ -205,8 +245,8 @@ def decode_request(body: bytes, header_length: str | int | None = None) -> Infer
         params = _parameters(raw, f"input {name!r}")
         size = params.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(tail):
-                raise ProtocolError(f"input {name!r}: binary_data_size {size!r} does not fit the "
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
+                raise ProtocolError(f"input {name!r}: binary_data_size {_short(size)} does not fit the "
                                     f"{len(tail)} bytes after the JSON header")
             data = _binary_tensor(tail[offset:offset + size], datatype, shape, name)
             offset += size
@@ -216,8 +256,11 @@ def decode_request(body: bytes, header_length: str | int | None = None) -> Infer
     if offset != len(tail):
         raise ProtocolError(f"{len(tail) - offset} bytes after the JSON header belong to no input "
                             f"(check binary_data_size and {HEADER_LENGTH})")
+    raw_outputs = header.get("outputs")
+    if raw_outputs is not None and not isinstance(raw_outputs, list):
+        raise ProtocolError(f"'outputs' must be a list of requested outputs, got {_short(raw_outputs)}")
     outputs = []
-    for raw in header.get("outputs") or []:
+    for raw in raw_outputs or []:
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise ProtocolError("each requested output needs a 'name'")
         params = _parameters(raw, f"output {raw['name']!r}")
@@ -227,6 +270,8 @@ def decode_request(body: bytes, header_length: str | int | None = None) -> Infer
         binary = params.get("binary_data")
         outputs.append(RequestedOutput(raw["name"], None if binary is None else bool(binary), count))
     request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, (str, int)):
+        raise ProtocolError(f"'id' must be a string, got {_short(request_id)}")
     return InferRequest(inputs, outputs, None if request_id is None else str(request_id),
                         _parameters(header, "request"))
 
@@ -301,8 +346,12 @@ def decode_response(body: bytes, header_length: str | int | None = None) -> dict
         name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
         if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
             raise ProtocolError("response output lacks 'name', 'datatype' or 'shape'")
-        size = (raw.get("parameters") or {}).get("binary_data_size")
+        shape = _parse_shape(shape, name)
+        size = _parameters(raw, f"output {name!r}").get("binary_data_size")
         if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
+                raise ProtocolError(f"output {name!r}: binary_data_size {_short(size)} does not fit "
+                                    "the response")
             result[name] = _binary_tensor(tail[offset:offset + size], datatype, shape, name)
             offset += size
         else:

@@ -13,7 +13,9 @@ from typing import Any, Literal
 import numpy as np
 
 from .card import ModelCard, generic_class_names, load_sidecar, read_class_names, resolve_card
-from .checkpoint import ArchInfo, LoadedCheckpoint, load_checkpoint, resolve_architecture
+from .checkpoint import (
+    ArchInfo, LoadedCheckpoint, distinct_values, fit_report, load_checkpoint, load_strict, resolve_architecture,
+)
 from .errors import ArchitectureError, CheckpointError, DataError
 
 Severity = Literal["error", "warning"]
@@ -84,7 +86,7 @@ def validate_checkpoint(
     class_names = read_class_names(classes) if classes else None
     try:
         ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
-    except (CheckpointError, ArchitectureError) as exc:
+    except (CheckpointError, ArchitectureError, DataError) as exc:
         report.add("error", "unreadable", str(exc))
         return report
     report.sha256, report.wrapper, report.prefix, report.layout = ckpt.sha256, ckpt.wrapper, ckpt.prefix, ckpt.layout
@@ -105,11 +107,15 @@ def validate_checkpoint(
         report.add("error", "head_mismatch",
                    f"the head has {info.num_classes} outputs but --classes {classes} lists {len(class_names)} classes")
         class_names = None
+    try:
+        card = ckpt.card or load_sidecar(ckpt.path)
+    except DataError as exc:  # a malformed sidecar: report it, judge the weights without it
+        report.add("error", "card", f"{ckpt.path.name}.card.json: {exc}")
+        card = None
     report.card = resolve_card(
         arch=info.arch, num_classes=info.num_classes, stem=info.spec.stem,
         flags={"class_names": class_names, "shortcut": info.shortcut, "source_sha256": ckpt.sha256},
-        card=ckpt.card or load_sidecar(ckpt.path),
-        preset_name=classes if classes in ("cifar10", "cifar100", "imagenet") else None,
+        card=card, preset_name=classes if classes in ("cifar10", "cifar100", "imagenet") else None,
     )
     if report.card.num_classes != info.num_classes:  # a stale sidecar card: the tensors win
         report.add("error", "card_mismatch",
@@ -128,9 +134,11 @@ def validate_checkpoint(
 
 
 def _check_tensors(ckpt: LoadedCheckpoint, report: ValidationReport) -> None:
+    """Numerical health, each test over the values as stored (`distinct_values`), so a view that
+    claims 10^11 elements over a few bytes costs a few bytes to scan."""
     import torch
 
-    state = ckpt.state_dict
+    state = {k: distinct_values(v) for k, v in ckpt.state_dict.items()}
     non_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if non_finite:
         report.add("error", "non_finite", f"NaN/Inf values in {len(non_finite)} tensors: {_listed(non_finite)}")
@@ -149,35 +157,33 @@ def _check_tensors(ckpt: LoadedCheckpoint, report: ValidationReport) -> None:
                    "or lost their buffers")
     elif untouched:
         report.add("warning", "bn_default_stats", f"BatchNorm running stats never updated in {_listed(untouched)}")
+    claimed = ckpt.state_dict
     dead = [k for k, v in state.items()
-            if k.endswith(".weight") and v.ndim in (2, 4) and v.numel() and not bool(v.any())]
+            if k.endswith(".weight") and claimed[k].ndim in (2, 4) and v.numel() and not bool(v.any())]
     if dead:
         report.add("error", "dead_layer", f"all-zero weights in {len(dead)} layers: {_listed(dead)}")
     dead_bn = [k for k, v in state.items()
-               if k.endswith(".weight") and v.ndim == 1 and f"{k[:-7]}.running_var" in state and not bool(v.any())]
+               if k.endswith(".weight") and claimed[k].ndim == 1 and f"{k[:-7]}.running_var" in state
+               and v.numel() and not bool(v.any())]
     if dead_bn:
         report.add("warning", "zero_bn_gamma", f"BatchNorm scale is all zero (block switched off) in {_listed(dead_bn)}")
 
 
 def _strict_load(ckpt: LoadedCheckpoint, info: ArchInfo, report: ValidationReport) -> Any:
+    """The one strict load (shared with the torch runner): every misfit becomes a problem."""
     from .archs import build_model
 
     model = build_model(info.arch, info.num_classes, shortcut=info.shortcut)
-    expected = model.state_dict()
-    found = ckpt.state_dict
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(found) if tuple(expected[k].shape) != tuple(found[k].shape))
-    if missing:
-        report.add("error", "missing_keys", f"{len(missing)} missing keys: {_listed(missing)}")
-    if unexpected:
-        report.add("error", "unexpected_keys", f"{len(unexpected)} unexpected keys: {_listed(unexpected)}")
-    for key in mismatched:
-        report.add("error", "shape_mismatch",
-                   f"{key}: expected {list(expected[key].shape)}, found {list(found[key].shape)}")
-    if missing or unexpected or mismatched:
+    fit = fit_report(model.state_dict(), ckpt.state_dict)
+    for code, message in fit.problems(listed=MAX_LISTED):
+        report.add("error", code, message)
+    if not fit.ok:
         return None
-    model.load_state_dict(found, strict=True)
+    try:
+        load_strict(model, ckpt.state_dict)
+    except ArchitectureError as exc:
+        report.add("error", "load", str(exc))
+        return None
     return model.eval()
 
 

@@ -10,28 +10,47 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..card import ModelCard
 from ..errors import InputError
 
+if TYPE_CHECKING:
+    from ..artifacts import ArtifactFacts
+
 
 class Runner(ABC):
-    """Callable model with a card and a context-manager lifetime."""
+    """Callable model with a card (what the model is), facts (what the file is) and a context-manager lifetime.
+
+    Backends are built by `open`, which `open_model` calls with the options the user gave; an option
+    a backend does not declare as a keyword of its `open` is refused there, by name.
+    """
 
     backend: str = "?"
 
     def __init__(self, card: ModelCard, *, source: str, device: str = "cpu",
                  fixed_batch_size: int | None = None, max_batch_size: int | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", facts: ArtifactFacts | None = None) -> None:
         self.card = card
+        self.facts = facts
         self.source = source
         self.device = device
         self.fixed_batch_size = fixed_batch_size
         self.max_batch_size = fixed_batch_size or max_batch_size
-        self.precision = precision
+        self.precision = facts.precision if facts is not None else precision
+
+    @classmethod
+    def open(cls, path: Any, *, device: str = "cpu") -> Runner:
+        """Open the artifact at `path` (a file, or a URL for remote backends) on `device`.
+
+        Every backend in the registry implements it; its own options are keyword-only parameters
+        (never `**kwargs`), and those names are the options `open_model` accepts for it. Not abstract,
+        only because wrappers and stand-ins (the server's batching runner, test fakes) are Runners that
+        are built around another object rather than opened from a file.
+        """
+        raise NotImplementedError(f"{cls.__name__} is not opened from a file; backends implement open()")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = self._check(batch)

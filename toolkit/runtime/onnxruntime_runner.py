@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ModelFormatError
+from ..artifacts import ArtifactFacts, check_declared_input, read_artifact
+from ..card import ModelCard
+from ..errors import BackendUnavailableError, ModelFormatError, first_line
 from .base import Runner
 from .cpu import physical_cores
-from .metadata import ONNX_PRECISION_KEY, card_from_props, first_line
 
 
 def _tensorrt_present() -> bool:
@@ -60,25 +61,28 @@ class OnnxRuntimeRunner(Runner):
 
     backend = "onnxruntime"
 
-    def __init__(self, session: Any, card: Any, *, source: str, device: str, precision: str) -> None:
+    def __init__(self, session: Any, card: ModelCard, *, source: str, device: str,
+                 facts: ArtifactFacts | None = None) -> None:
         first = session.get_inputs()[0]
         batch_dim = first.shape[0] if first.shape else None
         fixed = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
-        super().__init__(card, source=source, device=device, fixed_batch_size=fixed, precision=precision)
+        super().__init__(card, source=source, device=device, fixed_batch_size=fixed, facts=facts)
         self.session = session
         self._input = first.name
         self._outputs = [session.get_outputs()[0].name]
 
     @classmethod
-    def open(cls, path: str | Path, device: str = "cpu", *, threads: int | None = None,
-             use_tensorrt: bool | None = None, **_: Any) -> OnnxRuntimeRunner:
+    def open(cls, path: str | Path, *, device: str = "cpu", threads: int | None = None,
+             use_tensorrt: bool | None = None) -> OnnxRuntimeRunner:
+        """`threads`: intra-op threads (default: physical cores); `use_tensorrt`: ORT's TensorRT provider
+        on cuda (default: when its libraries are present)."""
         try:
             import onnxruntime as ort
         except ImportError:
             raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from None
         path = Path(path)
-        if not path.is_file():
-            raise ModelFormatError(f"ONNX file not found: {path}")
+        card, facts = read_artifact(path, "onnx")
+        check_declared_input(card, facts.inputs[0].shape if facts.inputs else (), path, "the ONNX graph")
         providers = providers_for(device, ort.get_available_providers(), use_tensorrt)
         if device.startswith("cuda") and hasattr(ort, "preload_dlls"):
             # CUDA/cuDNN from the nvidia-* wheels torch brought, when installed; best effort, since
@@ -94,10 +98,7 @@ class OnnxRuntimeRunner(Runner):
                 "ONNX Runtime could not start its CUDA provider (CUDA 12 runtime and cuDNN 9 libraries "
                 "are needed, e.g. pip install 'onnxruntime-gpu[cuda,cudnn]'); or use --device cpu"
             )
-        props = session.get_modelmeta().custom_metadata_map
-        card = card_from_props(props, path)
-        return cls(session, card, source=str(path), device=device,
-                   precision=props.get(ONNX_PRECISION_KEY, "fp32"))
+        return cls(session, card, source=str(path), device=device, facts=facts)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(self._outputs, {self._input: batch})[0]

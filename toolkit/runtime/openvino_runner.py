@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ModelFormatError
+from ..artifacts import ArtifactFacts, check_declared_input, read_artifact
+from ..card import ModelCard
+from ..errors import BackendUnavailableError, ModelFormatError, UsageError, first_line
 from .base import Runner
-from .metadata import ONNX_PRECISION_KEY, card_from_props, first_line, onnx_props
 
 INSTALL_HINT = "install the openvino extra: pip install 'resnet-toolkit[openvino]'"
 HINTS = ("auto", "throughput", "latency")
@@ -34,13 +35,13 @@ class OpenVINORunner(Runner):
 
     backend = "openvino"
 
-    def __init__(self, core: Any, model: Any, card: Any, *, source: str, precision: str, hint: str = "auto",
-                 inference_precision: str = "f32") -> None:
+    def __init__(self, core: Any, model: Any, card: ModelCard, *, source: str, facts: ArtifactFacts | None = None,
+                 hint: str = "auto", inference_precision: str = "f32") -> None:
         batch_dim = model.inputs[0].get_partial_shape()[0]
         fixed = batch_dim.get_length() if batch_dim.is_static else None
-        super().__init__(card, source=source, device="cpu", fixed_batch_size=fixed, precision=precision)
+        super().__init__(card, source=source, device="cpu", fixed_batch_size=fixed, facts=facts)
         if hint not in HINTS:
-            raise ModelFormatError(f"unknown OpenVINO hint {hint!r}; choose one of {', '.join(HINTS)}")
+            raise UsageError(f"unknown OpenVINO hint {hint!r}; choose one of {', '.join(HINTS)}")
         self._core, self._model, self._hint = core, model, hint
         self._config = {"INFERENCE_PRECISION_HINT": inference_precision}
         self._compiled: dict[str, Any] = {}
@@ -53,25 +54,28 @@ class OpenVINORunner(Runner):
             self._requests = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
 
     @classmethod
-    def open(cls, path: str | Path, device: str = "cpu", *, hint: str = "auto", inference_precision: str = "f32",
-             **_: Any) -> OpenVINORunner:
+    def open(cls, path: str | Path, *, device: str = "cpu", hint: str = "auto",
+             inference_precision: str = "f32") -> OpenVINORunner:
+        """`hint`: auto | throughput | latency; `inference_precision`: OpenVINO's f32 (default) or bf16/f16."""
         ov = _import_openvino()
         if device != "cpu":
             raise BackendUnavailableError(
                 f"the OpenVINO backend runs on cpu here, not {device}; use --backend onnxruntime or tensorrt for GPUs"
             )
+        if hint not in HINTS:
+            raise UsageError(f"unknown OpenVINO hint {hint!r}; choose one of {', '.join(HINTS)}")
         path = Path(path)
-        if not path.is_file():
-            raise ModelFormatError(f"ONNX file not found: {path}")
-        props = onnx_props(path)
-        card = card_from_props(props, path)
+        card, facts = read_artifact(path, "onnx")
         core = ov.Core()
         try:
             model = core.read_model(str(path))
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
             raise ModelFormatError(f"{path}: OpenVINO cannot read it ({first_line(exc)})") from None
-        return cls(core, model, card, source=str(path), precision=props.get(ONNX_PRECISION_KEY, "fp32"),
-                   hint=hint, inference_precision=inference_precision)
+        declared = model.inputs[0].get_partial_shape()
+        check_declared_input(card, [d.get_length() if d.is_static else None for d in declared], path,
+                             "the ONNX graph")
+        return cls(core, model, card, source=str(path), facts=facts, hint=hint,
+                   inference_precision=inference_precision)
 
     def _compile(self, hint: str) -> Any:
         if hint not in self._compiled:

@@ -1,52 +1,108 @@
-"""`open_model`: any artifact path or v2 URL -> the right Runner, with its card.
+"""The one list of backends and artifact formats, and `open_model`: any artifact path or v2 URL -> a Runner.
 
-Backends are imported lazily by name, so opening an ONNX file never imports torch.
+Plugging in a backend
+---------------------
+Write its module (a `Runner` subclass with `open(path, *, device, **its options)` and `_infer`), then
+add one line to `BACKENDS`: name -> `Backend("module:Class", reads=(formats...))`. The CLI's
+`--backend` choices, `open_model` and the formats' reader lists all come from here. Modules are
+imported only when used, so opening an ONNX file never imports torch.
+
+`FORMATS` describes the artifact formats: the suffixes that name them, and the Triton platform
+that serves them. Which backends read a format, the first being the default, follows from
+`BACKENDS` (`readers(fmt)`). export/pipeline.py's `FormatSpec`s refer to these by name.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelFormatError, UsageError
-from .base import Runner
 
-CHECKPOINT_SUFFIXES = (".pth", ".ckpt", ".bin", ".safetensors", ".tar")
-FORMAT_SUFFIXES = {
-    ".onnx": "onnx",
-    ".engine": "tensorrt",
-    ".plan": "tensorrt",
-    ".ts": "torchscript",
-    ".torchscript": "torchscript",
-}
-# backend name -> (module, class); modules are imported only when used.
-BACKENDS: dict[str, tuple[str, str]] = {
-    "torch": ("toolkit.runtime.torch_runner", "TorchRunner"),
-    "torchscript": ("toolkit.runtime.torchscript_runner", "TorchScriptRunner"),
-    "onnxruntime": ("toolkit.runtime.onnxruntime_runner", "OnnxRuntimeRunner"),
-    "openvino": ("toolkit.runtime.openvino_runner", "OpenVINORunner"),
-    "tensorrt": ("toolkit.runtime.tensorrt_runner", "TensorRTRunner"),
-    "remote": ("toolkit.runtime.remote_runner", "RemoteRunner"),
-}
-# which backends can run which artifact format; the first is the default for "auto".
-FORMAT_BACKENDS = {
-    "checkpoint": ("torch",),
-    "torchscript": ("torchscript",),
-    "onnx": ("onnxruntime", "openvino"),
-    "tensorrt": ("tensorrt",),
-    "remote": ("remote",),
-}
+if TYPE_CHECKING:
+    from .base import Runner
 
 
-def _is_torchscript_zip(path: Path) -> bool:
-    """TorchScript archives hold `code/` and `constants.pkl`; plain checkpoints do not."""
+@dataclass(frozen=True)
+class Backend:
+    target: str  # "module:Class", imported on first use
+    reads: tuple[str, ...]  # artifact formats it runs
+
+
+@dataclass(frozen=True)
+class ArtifactFormat:
+    name: str
+    suffixes: tuple[str, ...]  # lower-case; content decides between torch formats sharing ".pt"
+    triton_platform: str | None = None  # config.pbtxt `platform` for a Triton repository
+
+    @property
+    def readers(self) -> tuple[str, ...]:
+        return readers(self.name)
+
+
+# Order matters: the first backend that reads a format is its default.
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend("toolkit.runtime.torch_runner:TorchRunner", ("checkpoint",)),
+    "torchscript": Backend("toolkit.runtime.torchscript_runner:TorchScriptRunner", ("torchscript",)),
+    "onnxruntime": Backend("toolkit.runtime.onnxruntime_runner:OnnxRuntimeRunner", ("onnx",)),
+    "openvino": Backend("toolkit.runtime.openvino_runner:OpenVINORunner", ("onnx",)),
+    "tensorrt": Backend("toolkit.runtime.tensorrt_runner:TensorRTRunner", ("tensorrt",)),
+    "remote": Backend("toolkit.runtime.remote_runner:RemoteRunner", ("remote",)),
+}
+
+FORMATS: dict[str, ArtifactFormat] = {
+    "checkpoint": ArtifactFormat("checkpoint", (".pt", ".pth", ".ckpt", ".safetensors", ".th", ".bin", ".tar")),
+    "torchscript": ArtifactFormat("torchscript", (".ts", ".torchscript", ".pt"), "pytorch_libtorch"),
+    "onnx": ArtifactFormat("onnx", (".onnx",), "onnxruntime_onnx"),
+    "tensorrt": ArtifactFormat("tensorrt", (".engine", ".plan"), "tensorrt_plan"),
+    "remote": ArtifactFormat("remote", ()),
+}
+CHECKPOINT_SUFFIXES = FORMATS["checkpoint"].suffixes
+# Suffixes that name a torch checkpoint only when the content says so (Hugging Face .bin, tarballs...).
+CONTENT_CHECKED_SUFFIXES = (".th", ".bin", ".tar")
+
+
+def readers(fmt: str) -> tuple[str, ...]:
+    """The backends that run `fmt`, default first."""
+    return tuple(name for name, backend in BACKENDS.items() if fmt in backend.reads)
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(BACKENDS)
+
+
+# --- telling formats apart ------------------------------------------------------------------------
+
+def sniff_torch(path: Path) -> str | None:
+    """"torchscript" | "checkpoint" | None from the first bytes (and a zip's member names).
+
+    torch.save writes a zip holding `<archive>/data.pkl` (TorchScript adds `code/` and
+    `constants.pkl`), or, in the legacy format, a pickle (protocol 2+: b"\\x80\\x02"...);
+    safetensors starts with an 8-byte little-endian header length and a JSON object.
+    """
     try:
-        with zipfile.ZipFile(path) as archive:
-            return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+        with path.open("rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None
+        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"
+        return "checkpoint" if any(n.endswith("data.pkl") for n in names) else None
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "checkpoint"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100 * 1024**2:
+        return "checkpoint"
+    return None
 
 
 def triton_model_file(directory: Path) -> Path:
@@ -64,8 +120,14 @@ def triton_model_file(directory: Path) -> Path:
     raise ModelFormatError(f"{directory}: no <version>/model.onnx or model.plan inside")
 
 
+def _unknown(path: Path, suffix: str) -> ModelFormatError:
+    named = "; ".join(f"{f.name} ({' '.join(f.suffixes)})" for f in FORMATS.values() if f.suffixes)
+    return ModelFormatError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected {named}, a Triton "
+                            "model directory or an http:// v2 URL")
+
+
 def detect_format(model: str | Path) -> str:
-    """checkpoint | torchscript | onnx | tensorrt | remote, from the name (and zip contents for .pt)."""
+    """A format name of `FORMATS`: from the URL scheme, the folder, the suffix, and for torch files the content."""
     text = str(model)
     if text.startswith(("http://", "https://")):
         return "remote"
@@ -74,30 +136,61 @@ def detect_format(model: str | Path) -> str:
         return detect_format(triton_model_file(path))
     if not path.exists():
         raise ModelFormatError(f"model not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix in FORMAT_SUFFIXES:
-        return FORMAT_SUFFIXES[suffix]
-    if suffix == ".pt":
-        return "torchscript" if _is_torchscript_zip(path) else "checkpoint"
-    if suffix in CHECKPOINT_SUFFIXES:
-        return "checkpoint"
-    raise ModelFormatError(
-        f"{path}: unknown model type {suffix or '(no suffix)'}; expected a checkpoint (.pt .pth .ckpt "
-        ".safetensors), TorchScript (.ts), ONNX (.onnx), a TensorRT engine (.engine .plan), a Triton "
-        "model directory or an http:// v2 URL"
-    )
+    from ..paths import require_file
 
+    require_file(path, error=ModelFormatError, what="model")  # a device or FIFO is refused before any read
+    suffix = path.suffix.lower()
+    named = [f.name for f in FORMATS.values() if suffix in f.suffixes]
+    torch_family = {"checkpoint", "torchscript"}
+    if named and not set(named) <= torch_family:
+        return named[0]
+    sniffed = sniff_torch(path) if path.is_file() else None
+    if sniffed is not None:
+        return sniffed
+    if suffix in CONTENT_CHECKED_SUFFIXES:
+        raise ModelFormatError(f"{path}: a {suffix} file that is not a PyTorch checkpoint (neither a torch.save "
+                               "zip, a pickle, nor safetensors)")
+    if named:  # a damaged .pt/.pth/.ts: let its loader say what is wrong
+        return "torchscript" if suffix in (".ts", ".torchscript") else "checkpoint"
+    raise _unknown(path, suffix)
+
+
+# --- opening --------------------------------------------------------------------------------------
 
 def backend_class(name: str) -> type[Runner]:
-    module_name, class_name = BACKENDS[name]
-    return getattr(importlib.import_module(module_name), class_name)
+    if name not in BACKENDS:
+        raise UsageError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+    module_name, class_name = BACKENDS[name].target.split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    from .base import Runner
+
+    if not (isinstance(cls, type) and issubclass(cls, Runner)) or "open" not in _defined(cls):
+        raise TypeError(f"backend {name}: {BACKENDS[name].target} must be a Runner that implements open()")
+    return cls
+
+
+def _defined(cls: type) -> set[str]:
+    """Names defined by `cls` or a base below Runner."""
+    from .base import Runner
+
+    return {name for klass in cls.__mro__ if klass is not Runner and issubclass(klass, Runner)
+            for name in vars(klass)}
+
+
+def backend_options(cls: type[Runner]) -> tuple[str, ...]:
+    """The keyword options a backend's `open` accepts (besides `device`)."""
+    params = inspect.signature(cls.open).parameters.values()
+    return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "device")
 
 
 def open_model(model: str | Path, backend: str = "auto", device: str = "cpu", **options: Any) -> Runner:
-    """Open any artifact as a Runner. `options` go to the backend (e.g. `allow_pickle`, `arch`)."""
+    """Open any artifact as a Runner. `options` go to the backend's `open` (e.g. `allow_pickle`, `arch`
+    for checkpoints, `hint` for OpenVINO); an option it does not take is a UsageError naming those it does."""
     fmt = detect_format(model)
-    allowed = FORMAT_BACKENDS[fmt]
+    allowed = readers(fmt)
     if backend == "auto":
+        if not allowed:
+            raise ModelFormatError(f"{model}: no installed backend runs {fmt} artifacts")
         backend = allowed[0]
     elif backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
@@ -107,5 +200,9 @@ def open_model(model: str | Path, backend: str = "auto", device: str = "cpu", **
     if isinstance(path, Path) and path.is_dir():
         path = triton_model_file(path)
     cls = backend_class(backend)
-    opener = getattr(cls, "from_checkpoint", None) if fmt == "checkpoint" else getattr(cls, "open")
-    return opener(path, device=device, **options)
+    valid = backend_options(cls)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise UsageError(f"backend {backend} takes no option {', '.join(unknown)}; its options are: "
+                         f"{', '.join(valid) or 'none'}")
+    return cls.open(path, device=device, **options)

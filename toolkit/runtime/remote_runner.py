@@ -70,9 +70,10 @@ class RemoteRunner(Runner):
     # --- opening ----------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, url: str, device: str = "cpu", *, api_key: str | None = None, timeout: float = 60.0,
-             card: ModelCard | None = None, **_: Any) -> RemoteRunner:
-        """Read metadata + config, build the card, and check the model is ready."""
+    def open(cls, url: str, *, device: str = "cpu", api_key: str | None = None, timeout: float = 60.0,
+             card: ModelCard | None = None) -> RemoteRunner:
+        """Read metadata + config, build the card, and check the model is ready. `api_key` defaults to
+        $TOOLKIT_API_KEY; `card` replaces the one the server describes."""
         key = api_key or os.environ.get("TOOLKIT_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         probe = cls(url, card or _placeholder_card(), input_name="input", output_name="logits", headers=headers,

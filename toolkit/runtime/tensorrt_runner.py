@@ -1,9 +1,10 @@
 """TensorRT engines as a Runner (TensorRT 10 and 11 name-based API).
 
 An engine is tied to the GPU (compute capability) and the exact TensorRT version that built it,
-so its card lives in a sidecar `<engine>.card.json` whose `extra["tensorrt"]` records both; a
-mismatch gives a "rebuild" message instead of TensorRT's opaque deserialization error. Nothing is
-ever glued in front of the engine bytes, so `trtexec --loadEngine` and Triton read it as is.
+so its card lives in a sidecar `<engine>.card.json` and its facts (toolkit/artifacts.py) in
+`<engine>.facts.json`, which record both; a mismatch gives a "rebuild" message instead of TensorRT's
+opaque deserialization error. Nothing is ever glued in front of the engine bytes, so
+`trtexec --loadEngine` and Triton read it as is.
 
 Device memory and streams come from cuda-python (`cuda.bindings.runtime`, as NVIDIA's own
 TensorRT samples do), never from torch: this module, like the ONNX and OpenVINO runners, must not
@@ -22,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ..card import ModelCard, load_sidecar, sidecar_path
+from ..artifacts import ArtifactFacts, check_declared_input, read_artifact
+from ..card import ModelCard
 from ..errors import BackendUnavailableError, InputError, ModelFormatError, UsageError
 from .base import Runner
 
@@ -47,8 +49,9 @@ class TensorRTEnvironment:
         return int(self.version.split(".")[0])
 
     def facts(self) -> dict[str, Any]:
-        """The facts an engine depends on; stored in its sidecar card and checked on load."""
-        return {"version": self.version, "gpu": self.gpu_name, "compute_capability": self.compute_capability}
+        """The facts an engine depends on (ArtifactFacts fields); stored in its facts sidecar, checked on load."""
+        return {"tensorrt_version": self.version, "gpu": self.gpu_name,
+                "compute_capability": self.compute_capability}
 
 
 def import_cudart() -> Any | None:
@@ -131,25 +134,13 @@ def trt_logger(trt: Any) -> Any:
     return _LOGGERS[key]
 
 
-def engine_card(path: Path) -> ModelCard:
-    card = load_sidecar(path)
-    if card is None:
-        raise ModelFormatError(
-            f"{path}: its card {sidecar_path(path).name} is missing; an engine needs the card written beside "
-            "it at export: copy it along with the engine, or regenerate both with "
-            "toolkit export -m CHECKPOINT --format tensorrt"
-        )
-    return card
-
-
-def check_compatible(card: ModelCard, env: TensorRTEnvironment, path: Path) -> None:
+def check_compatible(facts: ArtifactFacts, env: TensorRTEnvironment, path: Path) -> None:
     """Engines load only on the TensorRT version and compute capability that built them."""
-    built = dict(card.extra.get("tensorrt") or {})
-    version, capability = built.get("version"), built.get("compute_capability")
+    version, capability = facts.tensorrt_version, facts.compute_capability
     if (version and version != env.version) or (capability and capability != env.compute_capability):
         raise ModelFormatError(
             f"{path.name} was built with TensorRT {version or '?'} for compute capability "
-            f"{capability or '?'} ({built.get('gpu') or 'unknown GPU'}); this machine has TensorRT "
+            f"{capability or '?'} ({facts.gpu or 'unknown GPU'}); this machine has TensorRT "
             f"{env.version} on {env.gpu_name} "
             f"(compute capability {env.compute_capability}): {REBUILD_HINT}"
         )
@@ -176,7 +167,8 @@ class TensorRTRunner(Runner):
 
     backend = "tensorrt"
 
-    def __init__(self, path: Path, card: ModelCard, env: TensorRTEnvironment) -> None:
+    def __init__(self, path: Path, card: ModelCard, env: TensorRTEnvironment,
+                 facts: ArtifactFacts | None = None) -> None:
         trt, cudart = env.trt, env.cudart
         self._env, self._cudart = env, cudart
         self._lock = threading.Lock()
@@ -200,18 +192,15 @@ class TensorRTRunner(Runner):
         self._in_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self._in)))
         self._out_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self._out)))
         shape = tuple(engine.get_tensor_shape(self._in))
-        if len(shape) != 4 or shape[1:] != tuple(card.input_size):
-            raise ModelFormatError(f"{path}: engine input {self._in} is {shape}, the card says (N, "
-                                   f"{', '.join(map(str, card.input_size))}): engine and card disagree")
+        check_declared_input(card, shape, path, f"the engine's input {self._in}")
         fixed = shape[0] if shape[0] > 0 else None
         if fixed is None:
             low, _, high = (tuple(s) for s in engine.get_tensor_profile_shape(self._in, 0))
             self._min_batch, max_batch = int(low[0]), int(high[0])
         else:
             self._min_batch = max_batch = fixed
-        precision = str((card.extra.get("tensorrt") or {}).get("precision", "fp32"))
         super().__init__(card, source=str(path), device=f"cuda:{env.device_index}", fixed_batch_size=fixed,
-                         max_batch_size=max_batch, precision=precision)
+                         max_batch_size=max_batch, facts=facts)
         self._context = engine.create_execution_context()
         if self._context is None:
             raise BackendUnavailableError(f"{path}: TensorRT could not create an execution context "
@@ -243,15 +232,13 @@ class TensorRTRunner(Runner):
         self._pinned += [self._h_in, self._h_out]
 
     @classmethod
-    def open(cls, path: str | Path, device: str = "cuda", **options: Any) -> TensorRTRunner:
-        """Open `model.engine` / `model.plan` with its sidecar card. Other options are ignored."""
+    def open(cls, path: str | Path, *, device: str = "cuda") -> TensorRTRunner:
+        """Open `model.engine` / `model.plan` with its sidecar card and facts."""
         path = Path(path)
-        if not path.is_file():
-            raise ModelFormatError(f"TensorRT engine not found: {path}")
-        card = engine_card(path)
+        card, facts = read_artifact(path, "tensorrt")
         env = tensorrt_environment(device, purpose="running a TensorRT engine")
-        check_compatible(card, env, path)
-        return cls(path, card, env)
+        check_compatible(facts, env, path)
+        return cls(path, card, env, facts)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         n = len(batch)

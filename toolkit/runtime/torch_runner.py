@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from ..artifacts import ArtifactFacts, card_input, card_output
 from ..card import ModelCard, load_sidecar, resolve_card
-from ..checkpoint import ArchInfo, LoadedCheckpoint, load_checkpoint, resolve_architecture
-from ..errors import ArchitectureError, BackendUnavailableError
+from ..checkpoint import ArchInfo, LoadedCheckpoint, load_checkpoint, load_strict, resolve_architecture
+from ..errors import BackendUnavailableError
 from .base import Runner
 
 
@@ -22,18 +23,8 @@ def torch_device(device: str) -> Any:
 
 
 def load_state_into(model: Any, state: dict[str, Any]) -> None:
-    """Strict load with one readable message instead of torch's wall of text."""
-    result = model.load_state_dict(state, strict=False)
-    expected = model.state_dict()
-    bad_shapes = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    if result.missing_keys or result.unexpected_keys or bad_shapes:
-        parts = []
-        if result.missing_keys:
-            parts.append(f"missing {sorted(result.missing_keys)[:5]}")
-        if result.unexpected_keys:
-            parts.append(f"unexpected {sorted(result.unexpected_keys)[:5]}")
-        parts += [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}" for k in bad_shapes[:3]]
-        raise ArchitectureError("weights do not fit the architecture: " + "; ".join(parts) + " (run `toolkit validate`)")
+    """Strict load with one readable message (the same fit report `toolkit validate` shows)."""
+    load_strict(model, state)
 
 
 def build_from_checkpoint(
@@ -59,8 +50,9 @@ class TorchRunner(Runner):
 
     backend = "torch"
 
-    def __init__(self, model: Any, card: ModelCard, *, source: str, device: str = "cpu") -> None:
-        super().__init__(card, source=source, device=device)
+    def __init__(self, model: Any, card: ModelCard, *, source: str, device: str = "cpu",
+                 facts: ArtifactFacts | None = None) -> None:
+        super().__init__(card, source=source, device=device, facts=facts)
         import torch
 
         self._torch = torch
@@ -68,11 +60,15 @@ class TorchRunner(Runner):
         self.model = model.to(self._device).eval()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", arch: str | None = None,
-                        allow_pickle: bool = False, card_flags: dict[str, Any] | None = None) -> TorchRunner:
+    def open(cls, path: str | Path, *, device: str = "cpu", arch: str | None = None,
+             allow_pickle: bool = False, card_flags: dict[str, Any] | None = None) -> TorchRunner:
+        """A checkpoint: `arch` overrides the inferred architecture, `allow_pickle` permits pickled code
+        (trusted files only), `card_flags` override card fields (CLI flag > card > preset)."""
         ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
         model, card, _ = build_from_checkpoint(ckpt, arch=arch, card_flags=card_flags)
-        return cls(model, card, source=str(path), device=device)
+        facts = ArtifactFacts("checkpoint", toolkit_version=None, inputs=(card_input(card),),
+                              outputs=(card_output(card),))
+        return cls(model, card, source=str(path), device=device, facts=facts)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch

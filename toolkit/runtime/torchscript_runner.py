@@ -1,15 +1,12 @@
-"""TorchScript archives written by `toolkit export --format torchscript` (card in `_extra_files`)."""
+"""TorchScript archives written by `toolkit export --format torchscript` (card and facts in `_extra_files`)."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
 
-
-from ..card import ModelCard
-from ..errors import DataError, ModelFormatError
-from .metadata import TORCHSCRIPT_CARD_FILE, card_from_props, first_line
+from ..artifacts import read_artifact
+from ..errors import ModelFormatError, first_line
 from .torch_runner import TorchRunner, torch_device
 
 
@@ -19,27 +16,19 @@ class TorchScriptRunner(TorchRunner):
     backend = "torchscript"
 
     @classmethod
-    def open(cls, path: str | Path, device: str = "cpu", **_: Any) -> TorchScriptRunner:
+    def open(cls, path: str | Path, *, device: str = "cpu") -> TorchScriptRunner:  # type: ignore[override]
+        """Card and facts are read from the archive's extra files before torch loads the module."""
         import torch
 
         path = Path(path)
-        if not path.is_file():
-            raise ModelFormatError(f"TorchScript file not found: {path}")
-        extra = {TORCHSCRIPT_CARD_FILE: ""}
+        card, facts = read_artifact(path, "torchscript")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream
-                module = torch.jit.load(str(path), map_location=torch_device(device), _extra_files=extra)
+                module = torch.jit.load(str(path), map_location=torch_device(device))
         except (RuntimeError, ValueError, OSError) as exc:
             raise ModelFormatError(f"{path}: not a readable TorchScript archive ({first_line(exc)})") from None
-        text = extra[TORCHSCRIPT_CARD_FILE]
-        if isinstance(text, bytes):
-            text = text.decode("utf-8")
-        try:
-            card = ModelCard.from_json(text) if text else card_from_props({}, path)
-        except DataError as exc:
-            raise ModelFormatError(f"{path}: its model card is unreadable: {exc}") from None
-        return cls(module, card, source=str(path), device=device)
+        return cls(module, card, source=str(path), device=device, facts=facts)
 
     def close(self) -> None:
         self.model = None

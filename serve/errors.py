@@ -1,0 +1,75 @@
+"""The server's errors and how every error goes on the wire: `{"error": message}` with its status.
+
+Each class is a `ToolkitError` whose `http_status` is the answer; the app's exception handler and
+the guard middlewares both answer through `error_response`, so a client sees one shape for every
+mistake, from a wrong API key to an image it cannot decode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from toolkit.errors import InputError, ToolkitError
+
+
+class ServiceUnavailableError(ToolkitError):
+    """Not ready yet (warming up) or shutting down (503 with Retry-After)."""
+
+    http_status = 503
+
+
+class NotFoundError(ToolkitError):
+    """An unknown model name or version (404)."""
+
+    http_status = 404
+
+
+class UnauthorizedError(ToolkitError):
+    """Missing or wrong API key (401)."""
+
+    http_status = 401
+
+
+class RequestTimeoutError(InputError):
+    """The client was too slow sending its request (408; the connection is closed)."""
+
+    http_status = 408
+
+
+class PayloadTooLargeError(InputError):
+    """A body, archive or image beyond the server's limits (413)."""
+
+    http_status = 413
+
+
+class UnsupportedMediaError(InputError):
+    """A Content-Type, Content-Encoding or archive compression the server does not read (415)."""
+
+    http_status = 415
+
+
+class QueueFullError(ToolkitError):
+    """The server has more waiting requests than `--max-queue` (503 with Retry-After)."""
+
+    http_status = 503
+
+
+class QueueTimeoutError(ToolkitError):
+    """The request waited longer than `--timeout-s` (504)."""
+
+    http_status = 504
+
+
+class ServeStartupError(ToolkitError):
+    """The model cannot be served (its warm-up failed): `toolkit serve` exits 1 with the reason."""
+
+
+def error_response(status: int, message: str, retry_after: int | None = None, *, close: bool = False,
+                   **extra: Any) -> JSONResponse:
+    """`{"error": message}`; Retry-After on 429/503; `Connection: close` when the body was not read."""
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None and status in (429, 503) else {}
+    if close:
+        headers["Connection"] = "close"
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers or None)

@@ -1,0 +1,172 @@
+"""The toolkit's own endpoints: `/predict` (top-k per image) and `/evaluate` (metrics over labelled uploads).
+
+Uploads are decoded in the decode pool through `serve.inputs` (the toolkit's one decoder and one
+preprocessing); inference goes through the shared batcher like every v2 request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from toolkit.errors import InputError, ToolkitError
+
+from ..batcher import BatchedRunner
+from ..errors import PayloadTooLargeError, UnsupportedMediaError
+from ..inputs import folder_dataset, labelled_dataset, load_batch, load_uint8, parse_labels, read_zip
+from ..metrics import RequestTiming
+from ..state import ServerState, get_state
+
+State = Annotated[ServerState, Depends(get_state)]
+router = APIRouter()
+ZIP_TYPES = ("application/zip", "application/x-zip-compressed")
+MAX_EVALUATE_FILES = 100_000
+
+
+async def uploads(request: Request, max_files: int) -> tuple[list[tuple[str, bytes]], list[str], Any]:
+    """(name, bytes) of uploaded files, the 'labels' fields, and the form (None for a raw body)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        try:
+            form = await request.form(max_files=max_files, max_fields=max_files + 16)
+        except StarletteHTTPException as exc:
+            raise InputError(f"invalid multipart body: {exc.detail}") from None
+        except Exception as exc:  # noqa: BLE001 - a malformed body is the client's mistake
+            raise InputError(f"invalid multipart body: {exc}") from None
+        files, labels = [], []
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files.append((value.filename or key, await value.read()))
+            elif key in ("labels", "label"):
+                labels.append(value)
+        return files, labels, form
+    if content_type.startswith(("application/x-www-form-urlencoded", "application/json", "text/")):
+        raise UnsupportedMediaError(f"unsupported Content-Type {content_type!r}: send multipart/form-data "
+                                    "files or the raw image bytes as the body")
+    body = await request.body()
+    return ([(request.headers.get("x-filename") or "body", body)] if body else []), [], None
+
+
+async def decode_all(state: ServerState, files: list[tuple[str, bytes]],
+                     normalise: bool = False) -> list[np.ndarray | ToolkitError]:
+    """Each file decoded in the pool: uint8 HxWx3, or float32 (1,3,H,W) when `normalise`."""
+    load = load_batch if normalise else load_uint8
+    card, max_pixels = state.runner.card, state.config.max_pixels
+
+    async def one(name: str, data: bytes) -> np.ndarray | ToolkitError:
+        try:
+            return await state.in_pool(load, data, card, max_pixels=max_pixels, name=name)
+        except ToolkitError as exc:
+            return exc
+
+    return list(await asyncio.gather(*(one(n, d) for n, d in files)))
+
+
+@router.post("/predict")
+async def predict(request: Request, state: State, top_k: int = 5) -> Response:
+    batcher = state.require_ready()
+    config, card = state.config, state.runner.card
+    if top_k < 1:
+        raise InputError(f"top_k must be at least 1, got {top_k}")
+    k = min(top_k, card.num_classes)
+
+    async def work(timing: RequestTiming) -> Response:
+        from toolkit.evaluate import softmax, top_k_entries
+
+        began = time.perf_counter()
+        files, _, _ = await uploads(request, config.max_images)
+        if not files:
+            raise InputError("no image: send multipart/form-data with one or more files, or the image bytes "
+                             "as the request body")
+        if len(files) > config.max_images:
+            raise PayloadTooLargeError(f"{len(files)} images in one request; the limit is "
+                                       f"{config.max_images}")
+        decoded = await decode_all(state, files, normalise=True)
+        good = [i for i, value in enumerate(decoded) if isinstance(value, np.ndarray)]
+        answers: dict[int, dict[str, Any]] = {}
+        if good:
+            batch = decoded[good[0]] if len(good) == 1 else np.concatenate([decoded[i] for i in good])
+            timing.input_s = time.perf_counter() - began
+            logits = await batcher.infer(batch, timing)
+            began = time.perf_counter()
+            probabilities = softmax(logits)
+            for row, i in enumerate(good):
+                top = top_k_entries(probabilities[row], card.class_names, k)
+                answers[i] = {"input": files[i][0], "top": top}
+        results = []
+        for i, (name, _) in enumerate(files):
+            value = decoded[i]
+            results.append(answers[i] if i in answers else
+                           {"input": name, "error": str(value), "status": getattr(value, "http_status", 400)})
+        timing.output_s = time.perf_counter() - began
+        if good:
+            return JSONResponse({"model": config.name, "predictions": results})
+        first = decoded[0]
+        assert isinstance(first, ToolkitError)
+        return JSONResponse({"error": str(first), "model": config.name, "predictions": results},
+                            status_code=first.http_status)
+
+    return await state.counted(work)
+
+
+@router.post("/evaluate")
+async def evaluate_route(request: Request, state: State) -> Response:
+    state.require_ready()
+    from toolkit.evaluate import evaluate
+
+    config, card = state.config, state.runner.card
+    files, label_fields, form = await uploads(request, MAX_EVALUATE_FILES)
+    content_type = request.headers.get("content-type", "")
+    raw_zip = form is None and content_type in ZIP_TYPES
+    zips = [(n, d) for n, d in files if n.lower().endswith(".zip") or raw_zip]
+    if zips:
+        if len(files) != 1:
+            raise InputError("send either one zip of class folders, or image files with their labels")
+        folders, files = await state.in_pool(read_zip, zips[0][1], max_bytes=config.max_zip_bytes,
+                                             max_member_bytes=config.max_body_bytes,
+                                             max_files=MAX_EVALUATE_FILES)
+    elif not files:
+        raise InputError("no images: send multipart files with a 'labels' field each (class name or index), "
+                         "or a zip of class-per-folder images")
+    else:
+        folders = None
+        labels = parse_labels(label_fields, len(files), card.class_names)
+    decoded = await decode_all(state, files)
+    errors = [value for value in decoded if isinstance(value, ToolkitError)]
+    if errors:  # evaluation needs every image; the answer names the first bad one
+        first = next((e for e in errors if e.http_status == 413), errors[0])
+        raise type(first)(f"{len(errors)} of {len(files)} images cannot be used: {first}")
+    images = [value for value in decoded if isinstance(value, np.ndarray)]
+    if folders is not None:
+        dataset = folder_dataset(images, folders, card.class_names)
+    else:
+        dataset = labelled_dataset(images, labels, card.class_names)
+    assert state.batcher is not None and state.loop is not None
+    proxy = BatchedRunner(state.batcher, state.loop)
+    report = await state.loop.run_in_executor(
+        None, lambda: evaluate(proxy, dataset, batch_size=config.max_batch_size))
+    result = report.to_dict()
+    result["server_model"] = config.name
+    return JSONResponse(_jsonable(result))
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars/arrays inside the metrics dict -> plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value

@@ -1,0 +1,97 @@
+"""What every route shares, as one object, handed to routes by the FastAPI dependency `get_state`.
+
+Routes ask the state the questions they all need answered (is this our model, are we ready, run
+this in the decode pool, account for this inference request) instead of closing over locals, so a
+route module is plain functions and a second front end (gRPC) can drive the same state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from toolkit.errors import ToolkitError
+from toolkit.runtime.base import Runner
+
+from .batcher import DynamicBatcher
+from .config import ServeConfig
+from .errors import NotFoundError, QueueFullError, QueueTimeoutError, ServiceUnavailableError
+from .metrics import RequestTiming, Stats
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServerState:
+    """Everything the routes share. `ready` flips after warm-up; `draining` on SIGTERM."""
+
+    config: ServeConfig
+    runner: Runner
+    stats: Stats = field(default_factory=Stats)
+    batcher: DynamicBatcher | None = None
+    pool: ThreadPoolExecutor | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    ready: bool = False
+    draining: bool = False
+    warmup_error: str | None = None
+    on_fatal: Callable[[], None] | None = None  # set by the server: stop when the model cannot run
+
+    @property
+    def serving(self) -> bool:
+        return self.ready and not self.draining
+
+    def check_model(self, name: str, version: str | None = None) -> None:
+        config = self.config
+        if name != config.name or (version not in (None, "", config.version)):
+            shown = name if version in (None, "") else f"{name} version {version}"
+            raise NotFoundError(f"unknown model {shown!r}; this server serves {config.name!r} "
+                                f"version {config.version}")
+
+    def require_ready(self) -> DynamicBatcher:
+        if self.draining:
+            raise ServiceUnavailableError("server is shutting down")
+        if not self.ready or self.batcher is None:
+            reason = f" ({self.warmup_error})" if self.warmup_error else ""
+            raise ServiceUnavailableError(f"model is not ready yet{reason}")
+        return self.batcher
+
+    async def in_pool(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run CPU work (decoding, parsing) in the decode pool, off the event loop."""
+        assert self.loop is not None
+        return await self.loop.run_in_executor(self.pool, lambda: func(*args, **kwargs))
+
+    async def counted(self, work: Callable[[RequestTiming], Awaitable[Response]]) -> Response:
+        """Run one inference request and account for it as Triton does (success/failure, phases)."""
+        stats = self.stats
+        timing, started = RequestTiming(), time.perf_counter()
+        try:
+            response = await work(timing)
+        except QueueFullError:
+            stats.record_failure("REJECTED", time.perf_counter() - started)
+            raise
+        except QueueTimeoutError:
+            stats.record_failure("CANCELED", time.perf_counter() - started)
+            raise
+        except ToolkitError:
+            stats.record_failure("OTHER", time.perf_counter() - started)
+            raise
+        except Exception:
+            stats.record_failure("BACKEND", time.perf_counter() - started)
+            raise
+        if response.status_code < 400:
+            stats.record_success(time.perf_counter() - started, timing)
+        else:
+            stats.record_failure("OTHER", time.perf_counter() - started)
+        return response
+
+
+def get_state(request: Request) -> ServerState:
+    """FastAPI dependency: the state of the app serving this request."""
+    return request.app.state.toolkit  # type: ignore[no-any-return]

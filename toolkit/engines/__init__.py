@@ -1,0 +1,60 @@
+"""Where batch work runs: `local` (this process, evaluate.py's loop) or `ray` (Ray Data, one or many nodes).
+
+Every engine module offers the same verbs, so the CLI picks one by name and calls it alike:
+
+- `load_dataset(name, data_dir, split, download) -> Dataset` (the ray engine also reads fsspec URLs);
+- `gather(specs, stdin_lines) -> list[PredictInput]`;
+- `evaluate(spec, dataset, *, batch_size, progress, output_dir, **engine_options) -> EvalRun`;
+- `predict(spec, inputs, *, top_k, batch_size, progress, output_dir, **engine_options) -> list[dict]`.
+
+A model travels as a `RunnerSpec` (what to open, not an open Runner), because Ray opens one Runner
+per replica, inside its actor. Engine modules are imported by name only when chosen: Ray is never
+imported by `toolkit --help` or by the local engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..evaluate import EvalReport
+    from ..runtime.base import Runner
+
+ENGINES = ("local", "ray")
+DEFAULT_ENGINE = "local"
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """How to open the model (picklable): `open_model(model, backend=..., device=..., **options)`."""
+
+    model: str
+    backend: str = "auto"
+    device: str = "cpu"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def open(self) -> Runner:
+        from ..runtime.registry import open_model
+
+        return open_model(self.model, backend=self.backend, device=self.device, **dict(self.options))
+
+
+@dataclass
+class EvalRun:
+    """An engine's evaluation: the report over readable images, plus one entry per unreadable one."""
+
+    report: EvalReport
+    errors: list[dict[str, str]] = field(default_factory=list)  # [{"input", "error"}]
+
+
+def get_engine(name: str) -> ModuleType:
+    """The engine module called `name` (imported now, not before)."""
+    if name not in ENGINES:
+        raise UsageError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    return importlib.import_module(f"{__name__}.{name}")
