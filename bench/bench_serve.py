@@ -340,6 +340,7 @@ def load_test(port: int, server: subprocess.Popen, jobs, png: bytes, rounds: int
     bad = malformed_jobs(png)
     rss = [rss_mb(server.pid)]
     totals = {"good": 0, "wrong": 0, "bad": 0, "5xx": 0, "bad_not_4xx": 0, "bad_closed": 0}
+    odd: dict[tuple[int, bytes], int] = {}  # hostile, answered other than 4xx
     for _ in range(rounds):
         mixed = jobs(good) + bad * bad_repeats
         random.Random(0).shuffle(mixed)
@@ -350,7 +351,9 @@ def load_test(port: int, server: subprocess.Popen, jobs, png: bytes, rounds: int
                 if status < 0:  # the server closed a hostile connection (the 128 KB head) unanswered
                     totals["bad_closed"] += 1
                     continue
-                totals["bad_not_4xx"] += not 400 <= status < 500
+                if not 400 <= status < 500:
+                    totals["bad_not_4xx"] += 1
+                    odd[(status, body[:120])] = odd.get((status, body[:120]), 0) + 1
                 totals["5xx"] += status >= 500
             else:
                 totals["good"] += 1
@@ -364,6 +367,8 @@ def load_test(port: int, server: subprocess.Popen, jobs, png: bytes, rounds: int
           f"{totals['5xx']} 5xx or lost; process alive: {alive}; "
           f"RSS MB after warm-up and each of {rounds} rounds: {', '.join(f'{v:.0f}' for v in rss)}",
           flush=True)
+    for (status, body), count in odd.items():
+        print(f"  hostile answered {status} x{count}: {body!r}")
 
 
 if __name__ == "__main__":

@@ -65,8 +65,10 @@ def plan(formats: Sequence[str] | None, precisions: Sequence[str] | None) -> lis
             raise UsageError(f"unknown format {name!r} for --formats; choose from {', '.join(FORMATS)}")
     for name in precisions or ():
         if name not in PRECISIONS:
-            raise UsageError(f"unknown precision {name!r} for --precisions; choose from {', '.join(PRECISIONS)}")
-    chosen = [v for v in PLAN if (not formats or v.format in formats) and (not precisions or v.precision in precisions)]
+            raise UsageError(f"unknown precision {name!r} for --precisions; "
+                             f"choose from {', '.join(PRECISIONS)}")
+    chosen = [v for v in PLAN
+              if (not formats or v.format in formats) and (not precisions or v.precision in precisions)]
     return [PLAN[0], *[v for v in chosen if v != PLAN[0]]]
 
 
@@ -185,7 +187,8 @@ def _row(variant: Variant, checkpoint: str, artifacts: _Artifacts, data: Dataset
                    throughput_by_batch={str(k): v for k, v in speeds.items()})
         if reference is not None:
             row["agreement"] = float((row["predictions"] == reference["predictions"]).mean())
-            row["speedup"] = row["throughput"] / reference["throughput"] if reference.get("throughput") else None
+            base = reference.get("throughput")
+            row["speedup"] = row["throughput"] / base if base else None
             # McNemar's exact test: is the accuracy gap to the fp32 reference more than noise?
             from toolkit.compare import mcnemar_exact
 
@@ -194,14 +197,16 @@ def _row(variant: Variant, checkpoint: str, artifacts: _Artifacts, data: Dataset
         else:
             row["agreement"], row["speedup"], row["mcnemar_p"] = 1.0, 1.0, None
     except (ToolkitError, Exception) as exc:  # noqa: BLE001 - one failing row must not stop the others
-        row["status"] = "skipped" if isinstance(exc, UsageError) and variant.backend == "tensorrt" else "failed"
+        skipped = isinstance(exc, UsageError) and variant.backend == "tensorrt"
+        row["status"] = "skipped" if skipped else "failed"
         row["error"] = first_line(exc, 300)
     row["seconds"] = time.perf_counter() - started
     return row
 
 
 def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = None,
-                  precisions: Sequence[str] | None = None, dataset: str = "sample", data_dir: str | Path | None = None,
+                  precisions: Sequence[str] | None = None, dataset: str = "sample",
+                  data_dir: str | Path | None = None,
                   split: str = "test", limit: int | None = None, batch_sizes: Sequence[int] = (32, 128),
                   device: str = "cpu", output_dir: str | Path | None = None, allow_pickle: bool = False,
                   progress: bool = False, latency_runs: int = 30, min_seconds: float = 0.5,
@@ -210,7 +215,8 @@ def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = Non
     from toolkit.runtime.registry import detect_format
 
     if detect_format(checkpoint) != "checkpoint":
-        raise UsageError(f"benchmark starts from a training checkpoint (.pt .pth .ckpt .safetensors), not {checkpoint}")
+        raise UsageError("benchmark starts from a training checkpoint (.pt .pth .ckpt .safetensors), "
+                         f"not {checkpoint}")
     if not batch_sizes or min(batch_sizes) < 1:
         raise UsageError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
     variants = _without_unusable_tensorrt(plan(formats, precisions), device)
@@ -218,8 +224,8 @@ def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = Non
     keep = output_dir is not None
     folder = Path(output_dir) if keep else Path(tempfile.mkdtemp(prefix="toolkit-benchmark-"))
     folder.mkdir(parents=True, exist_ok=True)
-    artifacts = _Artifacts(str(checkpoint), folder, dataset, Path(data_dir) if data_dir else None, device=device,
-                           allow_pickle=allow_pickle, calib_size=calib_size,
+    artifacts = _Artifacts(str(checkpoint), folder, dataset, Path(data_dir) if data_dir else None,
+                           device=device, allow_pickle=allow_pickle, calib_size=calib_size,
                            verify_samples=min(verify_samples, len(data)))
     log = _logger(progress)
     rows: list[dict[str, Any]] = []
@@ -230,8 +236,8 @@ def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = Non
             log(f"{variant.label}: exporting, verifying, evaluating, timing…")
             if timing_images is None:
                 timing_images = _timing_images(checkpoint, data, allow_pickle)
-            row = _row(variant, str(checkpoint), artifacts, data, timing_images, batch_sizes, device, allow_pickle,
-                       reference, latency_runs, min_seconds)
+            row = _row(variant, str(checkpoint), artifacts, data, timing_images, batch_sizes, device,
+                       allow_pickle, reference, latency_runs, min_seconds)
             if variant == PLAN[0]:
                 if row["status"] != "ok":
                     raise ToolkitError(f"the PyTorch reference itself failed: {row['error']}")

@@ -49,6 +49,8 @@ def _dynamo(model: Any, example: Any, opset: int, dynamic: bool) -> Any:
     shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic else None
     program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
                                 output_names=[OUTPUT_NAME], dynamic_shapes=shapes, verbose=False)
+    if program is None:  # torch returns None only when writing to a file, which this call does not
+        raise ExportError("the dynamo exporter returned no program")
     program.optimize()
     return program.model_proto
 
@@ -59,7 +61,8 @@ def _legacy(model: Any, example: Any, opset: int, dynamic: bool) -> Any:
 
     buffer = io.BytesIO()
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
-    torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+    torch.onnx.export(model, (example,), buffer,  # type: ignore[arg-type]  # file objects work too
+                      dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
                       output_names=[OUTPUT_NAME], dynamic_axes=axes, do_constant_folding=True)
     return onnx.load_from_string(buffer.getvalue())
 

@@ -68,6 +68,7 @@ from .verify import Tolerances, VerifyReport, verify
 
 FAILED_TAG = "failed-verify"
 STAGING_KIND = "export"
+INT8_OPSET = 19  # default opset of int8 exports (the reference evaluator runs DequantizeLinear from 19)
 T = TypeVar("T")
 
 
@@ -439,7 +440,7 @@ def _publish_model_folder(staging: Path, artifact: Path, repository: Path, check
 
 
 def run_export(checkpoint: str | Path, fmt: str, output: str | Path | None = None, *, precision: str = "fp32",
-               opset: int = 18, batch_size: int = 1, dynamic: bool = True,
+               opset: int | None = None, batch_size: int = 1, dynamic: bool = True,
                calib_dataset: str | Dataset | None = None, data_dir: str | Path | None = None,
                calib_size: int = 512, calib_method: str = "minmax",
                verify_dataset: str | Dataset | None = None,
@@ -470,6 +471,8 @@ def run_export(checkpoint: str | Path, fmt: str, output: str | Path | None = Non
         raise UsageError("--precision int8 needs calibration images: add --calib-dataset "
                          "sample|cifar10|cifar100|folder (with --data-dir)")
     typed = parse_options(fmt, spec.options, extras, options)
+    if opset is None:  # int8: DequantizeLinear needs opset 19 in onnx's ReferenceEvaluator
+        opset = INT8_OPSET if precision == "int8" else OnnxOptions.opset
     onnx_options = OnnxOptions(opset=opset, dynamic=dynamic, batch_size=batch_size)
     int8 = Int8Options(size=calib_size, method=calib_method)
     if spec.uses_onnx:

@@ -7,6 +7,7 @@ fp16 ONNX files do, so every runner feeds them the same float32 batches.
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,10 @@ def export(model: Any, card: ModelCard, output: str | Path, precision: str = "fp
     facts = ArtifactFacts("torchscript", precision=precision, exporter=f"{how} (torch {torch.__version__})",
                           inputs=(card_input(card),), outputs=(card_output(card),))
     output = Path(output)
-    with atomic_path(output) as tmp, warnings.catch_warnings():
+    buffer = io.BytesIO()  # torch.jit.save into a file aborts the process on a full disk
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(module, str(tmp), _extra_files=torchscript_extra_files(card, facts))
+        torch.jit.save(module, buffer, _extra_files=torchscript_extra_files(card, facts))
+    with atomic_path(output) as tmp, open(tmp, "wb") as handle:
+        handle.write(buffer.getbuffer())
     return output

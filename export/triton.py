@@ -15,7 +15,6 @@ Triton's own `ModelConfig` protobuf.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from toolkit import triton_config
 from toolkit.artifacts import (
     ONNX_CARD_KEY,
     ArtifactFacts,
@@ -37,7 +37,6 @@ from toolkit.errors import ExportError, ModelFormatError, UsageError
 from toolkit.fileio import atomic_directory, companions
 from toolkit.runtime.base import Runner
 from toolkit.runtime.registry import FORMATS as ARTIFACT_FORMATS
-from toolkit.v2 import CARD_PARAMETER
 
 from .pipeline import ExportJob, FormatSpec, TensorRTOptions, build_onnx
 
@@ -46,8 +45,9 @@ MODEL_FORMATS = ("onnx", "tensorrt")  # what a pipeline-built model folder serve
 # Triton's default model file per platform; which suffixes map to which platform is the registry's
 MODEL_FILES = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}
 PLATFORMS = {suffix: (fmt.triton_platform, MODEL_FILES[fmt.triton_platform])
-             for fmt in ARTIFACT_FORMATS.values() if fmt.triton_platform in MODEL_FILES for suffix in fmt.suffixes}
-LABELS_FILE = "labels.txt"
+             for fmt in ARTIFACT_FORMATS.values() if fmt.triton_platform in MODEL_FILES
+             for suffix in fmt.suffixes}
+LABELS_FILE = triton_config.LABELS_FILE
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # numpy dtype name (as ArtifactFacts records tensors) -> Triton data_type
 NUMPY_TO_TRITON = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
@@ -109,14 +109,6 @@ def _dims(shape: Sequence[int], max_batch_size: int, what: str) -> list[int]:
     return list(shape[1:])
 
 
-def _pbtxt_list(values: Sequence[int]) -> str:
-    return "[ " + ", ".join(str(v) for v in values) + " ]"
-
-
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def config_text(*, name: str, platform: str, max_batch_size: int, inp: dict[str, Any], out: dict[str, Any],
                 dynamic_batching: bool, preferred_batch_sizes: Sequence[int] | None, max_queue_delay_us: int,
                 instance_count: int, kind: str, card: ModelCard) -> str:
@@ -126,48 +118,14 @@ def config_text(*, name: str, platform: str, max_batch_size: int, inp: dict[str,
     GET /v2/models/<name>/config, so `toolkit eval -m http://host:8000/<name>` gets the exact
     preprocessing and class names back (backends ignore parameters they do not know).
     """
-    card_json = json.dumps(card.to_dict(), separators=(",", ":"), ensure_ascii=True)
     in_dims = _dims(inp["shape"], max_batch_size, f"input {inp['name']}")
     out_dims = _dims(out["shape"], max_batch_size, f"output {out['name']}")
-    lines = [
-        f"name: {_quote(name)}",
-        f"platform: {_quote(platform)}",
-        f"max_batch_size: {max_batch_size}",
-        "input [",
-        "  {",
-        f"    name: {_quote(inp['name'])}",
-        f"    data_type: {inp['dtype']}",
-        f"    dims: {_pbtxt_list(in_dims)}",
-        "  }",
-        "]",
-        "output [",
-        "  {",
-        f"    name: {_quote(out['name'])}",
-        f"    data_type: {out['dtype']}",
-        f"    dims: {_pbtxt_list(out_dims)}",
-        f"    label_filename: {_quote(LABELS_FILE)}",
-        "  }",
-        "]",
-        "parameters [",
-        "  {",
-        f"    key: {_quote(CARD_PARAMETER)}",
-        f"    value: {{ string_value: {_quote(card_json)} }}",
-        "  }",
-        "]",
-        "instance_group [",
-        "  {",
-        f"    count: {instance_count}",
-        f"    kind: {kind}",
-        "  }",
-        "]",
-    ]
-    if dynamic_batching and max_batch_size > 0:
-        lines.append("dynamic_batching {")
-        if preferred_batch_sizes:
-            lines.append(f"  preferred_batch_size: {_pbtxt_list(preferred_batch_sizes)}")
-        lines.append(f"  max_queue_delay_microseconds: {max_queue_delay_us}")
-        lines.append("}")
-    return "\n".join(lines) + "\n"
+    return triton_config.to_pbtxt(triton_config.build(
+        name=name, platform=platform, max_batch_size=max_batch_size,
+        inputs=[triton_config.tensor(inp["name"], inp["dtype"], in_dims)],
+        outputs=[triton_config.tensor(out["name"], out["dtype"], out_dims, LABELS_FILE)], card=card,
+        instance_count=instance_count, kind=kind, dynamic_batching=dynamic_batching,
+        preferred_batch_sizes=preferred_batch_sizes, max_queue_delay_us=max_queue_delay_us))
 
 
 def _external_data_files(path: Path) -> list[str]:

@@ -59,10 +59,12 @@ class VerifyReport:
                  f"top-1 agreement {self.top1_agreement:.2%}"]
         if self.accuracy_drop is not None:
             parts.append(f"accuracy {self.reference_accuracy:.2%} -> {self.artifact_accuracy:.2%}")
-        return f"{'passed' if self.passed else 'FAILED'} on {self.num_samples} {self.inputs} images: " + ", ".join(parts)
+        verdict = "passed" if self.passed else "FAILED"
+        return f"{verdict} on {self.num_samples} {self.inputs} images: " + ", ".join(parts)
 
 
-def verification_inputs(dataset: Dataset | None, card: Any, limit: int = DEFAULT_SAMPLES, seed: int = 0) -> Dataset:
+def verification_inputs(dataset: Dataset | None, card: Any, limit: int = DEFAULT_SAMPLES,
+                        seed: int = 0) -> Dataset:
     """The given dataset, else the bundled sample, else seeded noise images; at most `limit`, labels
     kept only when they can be aligned to the model's classes."""
     if dataset is None:
@@ -102,7 +104,8 @@ def verify(artifact: Runner, reference: Runner, dataset: Dataset | None, precisi
     if precision == "fp32":
         excess = diff - (tol.atol + tol.rtol * np.abs(ref))
         if (excess > 0).any():
-            failures.append(f"logits differ by up to {diff.max():.2e} (allowed {tol.atol:g} + {tol.rtol:g}*|ref|)")
+            failures.append(f"logits differ by up to {diff.max():.2e} "
+                            f"(allowed {tol.atol:g} + {tol.rtol:g}*|ref|)")
     else:
         if agreement < tol.min_agreement:
             failures.append(f"top-1 agreement {agreement:.2%} is below {tol.min_agreement:.2%}")

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -45,11 +46,15 @@ def create_app(runner: Runner, config: ServeConfig) -> FastAPI:
                                        max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
                                        timeout_s=config.timeout_s)
         await state.batcher.start()
+        grpc_server = await _start_grpc(state) if config.grpc_port else None
         warm = asyncio.create_task(_warm_up(state))
         try:
             yield
         finally:
             warm.cancel()
+            if grpc_server is not None:
+                await grpc_server.stop(grace=min(5.0, config.drain_timeout_s))
+            state.extensions.shm.close()
             await state.batcher.stop()
             state.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -81,6 +86,21 @@ def _add_error_handlers(app: FastAPI, config: ServeConfig) -> None:
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
         log.error("internal error", exc_info=exc)
         return error_response(500, f"internal server error ({type(exc).__name__}); see the server log")
+
+
+async def _start_grpc(state: ServerState) -> Any:
+    """The v2 gRPC endpoint (serve.grpc) in this event loop; if it cannot start, the server stops with
+    the reason (a missing package names what to install), as for a failed warm-up."""
+    try:
+        from .grpc import start
+
+        return await start(state)
+    except (ImportError, OSError) as exc:
+        state.warmup_error = str(exc)
+        log.error("cannot serve gRPC: %s", exc)
+        if state.on_fatal is not None:
+            state.on_fatal()
+        return None
 
 
 async def _warm_up(state: ServerState) -> None:

@@ -154,6 +154,7 @@ class DynamicBatcher:
             for item in items:
                 n = len(item.batch)
                 item.timing.infer_s = infer_s
+                item.timing.batch_size = len(logits)
                 if not item.future.done():
                     item.future.set_result(logits[offset:offset + n])
                 offset += n

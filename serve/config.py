@@ -13,6 +13,7 @@ class ServeConfig:
     version: str = "1"
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int = 0  # the v2 gRPC endpoint (serve.grpc); 0: none (`toolkit serve` defaults to 8001)
     max_batch_size: int = 32
     max_delay_ms: float = 0.0  # 0: a batch is whatever queued while the runner was busy
     max_queue: int = 256  # requests waiting for the runner; beyond -> 503 + Retry-After
@@ -31,6 +32,7 @@ class ServeConfig:
     drain_timeout_s: float = 30.0
     retry_after_s: int = 1
     warmup: bool = True
+    reject_nonfinite: bool = False  # 400 for NaN/Inf inputs (Triton accepts them: the model's business)
 
     @property
     def max_body_bytes(self) -> int:

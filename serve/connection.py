@@ -28,16 +28,33 @@ log = logging.getLogger("toolkit.serve")
 
 
 class _Connection(h11.Connection):
-    """h11's connection remembering its last protocol error (uvicorn drops it before answering)."""
+    """h11's connection with a hard cap on the request head, remembering its last protocol error.
+
+    h11 applies its size limit only while a head is incomplete: a 128 KB head that arrives in one
+    read is accepted whole. This cap also measures complete heads.
+    """
 
     last_error: h11.RemoteProtocolError | None = None
 
+    def __init__(self, max_head_bytes: int) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_head_bytes)
+        self.max_head_bytes = max_head_bytes
+
     def next_event(self) -> Any:
         try:
-            return super().next_event()
+            event = super().next_event()
+            if isinstance(event, h11.Request) and _head_size(event) > self.max_head_bytes:
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+            return event
         except h11.RemoteProtocolError as exc:
             self.last_error = exc
             raise
+
+
+def _head_size(request: h11.Request) -> int:
+    """Bytes of a request head as sent (request line, headers, line ends)."""
+    headers = sum(len(name) + len(value) + 4 for name, value in request.headers)
+    return len(request.method) + len(request.target) + 12 + headers
 
 
 def _raw_response(status: int, message: str) -> bytes:
@@ -52,7 +69,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.conn = _Connection(h11.SERVER, self.limits.max_header_kb * 1024)
+        self.conn = _Connection(self.limits.max_header_kb * 1024)
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

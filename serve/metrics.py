@@ -23,6 +23,7 @@ class RequestTiming:
     queue_s: float = 0.0  # waiting for the runner
     infer_s: float = 0.0  # the runner call of its batch (compute_infer)
     output_s: float = 0.0  # softmax/top-k/encoding (compute_output)
+    batch_size: int = 0  # images in the runner call this request rode in (set by the batcher)
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Stats:
     exec_count: int = 0  # runner calls
     batch_sizes: Counter[int] = field(default_factory=Counter)  # images per runner call -> calls
     batch_infer_us: Counter[int] = field(default_factory=Counter)
+    batch_input_us: Counter[int] = field(default_factory=Counter)  # compute_input of the requests in them
+    batch_output_us: Counter[int] = field(default_factory=Counter)
     pending: int = 0  # requests queued, not yet running
     in_flight: int = 0  # requests inside the server (any endpoint that does work)
     http_responses: Counter[str] = field(default_factory=Counter)
@@ -55,6 +58,9 @@ class Stats:
             self.input_us += timing.input_s * 1e6
             self.infer_us += timing.infer_s * 1e6
             self.output_us += timing.output_s * 1e6
+            if timing.batch_size:
+                self.batch_input_us[timing.batch_size] += timing.input_s * 1e6
+                self.batch_output_us[timing.batch_size] += timing.output_s * 1e6
             self.last_inference_ms = int(time.time() * 1000)
 
     def record_failure(self, reason: str, total_s: float) -> None:
@@ -125,16 +131,30 @@ class Stats:
                    [(f'code="{code}"', n) for code, n in sorted(self.http_responses.items())])
         return "\n".join(lines) + "\n"
 
-    def v2_statistics(self, model: str, version: str) -> dict[str, object]:
-        """The KServe/Triton statistics extension document (`GET /v2/models/{name}/stats`)."""
+    def v2_statistics(self, model: str, version: str,
+                      memory_usage: list[dict[str, object]] | None = None) -> dict[str, object]:
+        """The KServe/Triton statistics extension document (`GET /v2/models/{name}/stats`).
+
+        Per batch size, compute_input/compute_output are the summed phases of the requests that
+        rode in runner calls of that size. Every response is the first of its request (no
+        decoupled models), so `response_stats` has the one key "0", as Triton reports it."""
 
         def stat(count: int, micros: float) -> dict[str, int]:
             return {"count": int(count), "ns": int(micros * 1000)}
 
         with self._lock:
             batch_stats = [{"batch_size": size, "compute_infer": stat(n, self.batch_infer_us[size]),
-                            "compute_input": stat(n, 0), "compute_output": stat(n, 0)}
+                            "compute_input": stat(n, self.batch_input_us[size]),
+                            "compute_output": stat(n, self.batch_output_us[size])}
                            for size, n in sorted(self.batch_sizes.items())]
+            failed = sum(self.failures.values())
+            responses = {"0": {"compute_infer": stat(self.success, self.infer_us),
+                               "compute_output": stat(self.success, self.output_us),
+                               "success": stat(self.success, self.success_us),
+                               "fail": stat(failed, self.failure_us),
+                               "empty_response": stat(0, 0),
+                               "cancel": stat(self.failures.get("CANCELED", 0), 0)}
+                         } if self.success or failed else {}
             return {"model_stats": [{
                 "name": model, "version": version, "last_inference": self.last_inference_ms,
                 "inference_count": self.inference_count, "execution_count": self.exec_count,
@@ -148,6 +168,8 @@ class Stats:
                     "cache_hit": stat(0, 0), "cache_miss": stat(0, 0),
                 },
                 "batch_stats": batch_stats,
+                "memory_usage": list(memory_usage or []),
+                "response_stats": responses,
             }]}
 
 

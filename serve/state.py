@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import Response
 
 from toolkit.errors import ToolkitError
 from toolkit.runtime.base import Runner
@@ -24,8 +23,10 @@ from .batcher import DynamicBatcher
 from .config import ServeConfig
 from .errors import NotFoundError, QueueFullError, QueueTimeoutError, ServiceUnavailableError
 from .metrics import RequestTiming, Stats
+from .protocol import ProtocolState
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ServerState:
     config: ServeConfig
     runner: Runner
     stats: Stats = field(default_factory=Stats)
+    extensions: ProtocolState = field(default_factory=ProtocolState)  # settings, shared-memory regions
     batcher: DynamicBatcher | None = None
     pool: ThreadPoolExecutor | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -67,7 +69,7 @@ class ServerState:
         assert self.loop is not None
         return await self.loop.run_in_executor(self.pool, lambda: func(*args, **kwargs))
 
-    async def counted(self, work: Callable[[RequestTiming], Awaitable[Response]]) -> Response:
+    async def counted(self, work: Callable[[RequestTiming], Awaitable[R]]) -> R:
         """Run one inference request and account for it as Triton does (success/failure, phases)."""
         stats = self.stats
         timing, started = RequestTiming(), time.perf_counter()
@@ -85,7 +87,7 @@ class ServerState:
         except Exception:
             stats.record_failure("BACKEND", time.perf_counter() - started)
             raise
-        if response.status_code < 400:
+        if getattr(response, "status_code", 200) < 400:  # gRPC answers are not HTTP responses
             stats.record_success(time.perf_counter() - started, timing)
         else:
             stats.record_failure("OTHER", time.perf_counter() - started)

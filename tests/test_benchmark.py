@@ -1,4 +1,5 @@
-"""`toolkit benchmark`: every row made here runs, agrees with PyTorch, and a failing row does not stop the rest."""
+"""`toolkit benchmark`: every row made here runs, agrees with PyTorch, and a failing row does not stop
+the rest."""
 
 from __future__ import annotations
 
@@ -35,12 +36,13 @@ def test_benchmark_rows_json_and_chart(sample_model, tmp_path, monkeypatch):
         return real_open(variant, *args, **kwargs)
 
     monkeypatch.setattr(bench, "_open", broken_fp16)
-    result = bench.run_benchmark(sample_model, formats=["torch", "onnx", "openvino", "tensorrt"], precisions=["fp32", "fp16", "int8"],
-                                 limit=64, batch_sizes=[8, 32], output_dir=tmp_path, latency_runs=5, min_seconds=0.05,
-                                 calib_size=64, verify_samples=64)
+    result = bench.run_benchmark(sample_model, formats=["torch", "onnx", "openvino", "tensorrt"],
+                                 precisions=["fp32", "fp16", "int8"], limit=64, batch_sizes=[8, 32],
+                                 output_dir=tmp_path, latency_runs=5, min_seconds=0.05, calib_size=64,
+                                 verify_samples=64)
     rows = {r["name"]: r for r in result["rows"]}
-    assert list(rows) == ["torch fp32", "onnxruntime fp32", "onnxruntime fp16", "onnxruntime int8", "openvino fp32",
-                          "openvino int8", "tensorrt int8"]
+    assert list(rows) == ["torch fp32", "onnxruntime fp32", "onnxruntime fp16", "onnxruntime int8",
+                          "openvino fp32", "openvino int8", "tensorrt int8"]
     assert rows["onnxruntime fp16"]["status"] == "failed" and "simulated" in rows["onnxruntime fp16"]["error"]
     assert rows["tensorrt int8"]["status"] == "skipped" and "cuda" in rows["tensorrt int8"]["error"]
     for name in ("torch fp32", "onnxruntime fp32", "onnxruntime int8", "openvino fp32", "openvino int8"):
@@ -60,8 +62,9 @@ def test_benchmark_rows_json_and_chart(sample_model, tmp_path, monkeypatch):
 
 
 def test_benchmark_cli_table(sample_model):
-    result = CliRunner().invoke(app, ["benchmark", "-m", str(sample_model), "--dataset", "sample", "--formats",
-                                      "torch,torchscript", "--limit", "32", "--batch-sizes", "8"])
+    result = CliRunner().invoke(app, ["benchmark", "-m", str(sample_model), "--dataset", "sample",
+                                      "--formats", "torch,torchscript", "--limit", "32",
+                                      "--batch-sizes", "8"])
     assert result.exit_code == 0, result.output
     assert "torchscript fp32" in result.output and "speed-up" in result.output
     torch_row = result.output.split("torch fp32")[1].splitlines()[0]

@@ -5,11 +5,17 @@ import json
 import pytest
 
 from toolkit.card import (
-    CIFAR10_CLASSES, CIFAR100_CLASSES, ModelCard, imagenet_classes, load_sidecar, read_class_names, resolve_card,
+    CIFAR10_CLASSES,
+    CIFAR100_CLASSES,
+    CardError,
+    ModelCard,
+    imagenet_classes,
+    load_sidecar,
+    read_class_names,
+    resolve_card,
     sidecar_path,
 )
 from toolkit.errors import DataError, UsageError
-from toolkit.card import CardError
 
 
 def test_round_trip_keeps_every_field(tmp_path):
@@ -57,11 +63,13 @@ def test_resolver_precedence_flag_over_card_over_preset_over_default():
     carded = resolve_card(arch="resnet20", num_classes=10, stem="cifar", card=card)
     assert carded.class_names == tuple("abcdefghij") and carded.mean == (0.5, 0.5, 0.5)
     # a flag beats the card
-    flagged = resolve_card(arch="resnet20", num_classes=10, stem="cifar", card=card, flags={"mean": (0.1, 0.1, 0.1)})
+    flagged = resolve_card(arch="resnet20", num_classes=10, stem="cifar", card=card,
+                           flags={"mean": (0.1, 0.1, 0.1)})
     assert flagged.mean == (0.1, 0.1, 0.1) and flagged.class_names == tuple("abcdefghij")
     # an imagenet stem with 1000 classes gets ImageNet's names and 224 input
     imagenet = resolve_card(arch="resnet50", num_classes=1000, stem="imagenet")
-    assert imagenet.num_classes == 1000 and imagenet.input_size == (3, 224, 224) and imagenet.resize_size == 256
+    assert imagenet.num_classes == 1000 and imagenet.input_size == (3, 224, 224)
+    assert imagenet.resize_size == 256
     # a head that fits no preset gets generic names, never a wrong class count
     odd = resolve_card(arch="resnet50", num_classes=7, stem="imagenet")
     assert odd.class_names == tuple(f"class_{i}" for i in range(7))
@@ -74,6 +82,6 @@ def test_resolver_precedence_flag_over_card_over_preset_over_default():
     ({"interpolation": "magic"}, "interpolation"),
 ])
 def test_invalid_cards_are_refused(changes, message):
-    base = dict(arch="resnet20", class_names=("a",), input_size=(3, 32, 32), resize_size=32)
+    base = {"arch": "resnet20", "class_names": ("a",), "input_size": (3, 32, 32), "resize_size": 32}
     with pytest.raises(CardError, match=message):
         ModelCard(**{**base, **changes})

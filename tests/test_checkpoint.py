@@ -23,7 +23,7 @@ def cheap_state_dict(arch: str, shortcut: str | None = None) -> dict[str, torch.
     return dict(_cheap_state_dict(arch, shortcut))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cheap_state_dict(arch: str, shortcut: str | None) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         model = build_model(arch, NUM_CLASSES, shortcut=shortcut)

@@ -13,7 +13,7 @@ from toolkit.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture()
+@pytest.fixture
 def ckpt(tmp_path, sample_model):
     """A private copy of the sample checkpoint (and its card) so default outputs land in tmp_path."""
     for source in (sample_model, sample_model.with_name(sample_model.name + ".card.json")):
@@ -37,7 +37,8 @@ def test_export_onnx_default_path_json_and_info(ckpt):
     assert info.exit_code == 0, info.output
     facts = json.loads(info.stdout)
     assert facts["format"] == "onnx" and facts["opset"] == 18 and facts["precision"] == "fp32"
-    assert facts["inputs"][0]["shape"] == ["batch", 3, 32, 32] and facts["outputs"][0]["shape"] == ["batch", 10]
+    assert facts["inputs"][0]["shape"] == ["batch", 3, 32, 32]
+    assert facts["outputs"][0]["shape"] == ["batch", 10]
     assert facts["card"]["class_names"] == [str(i) for i in range(10)] and facts["size_bytes"] > 0
     human = invoke("info", "-m", ckpt.with_suffix(".onnx"))
     assert human.exit_code == 0 and "opset" in human.output and "resnet20" in human.output
@@ -48,7 +49,8 @@ def test_export_torchscript_and_int8_default_names(ckpt):
     result = invoke("export", "-m", ckpt, "--format", "torchscript")
     assert result.exit_code == 0, result.output
     assert ckpt.with_suffix(".ts").is_file() and "passed" in result.output
-    result = invoke("export", "-m", ckpt, "--precision", "int8", "--calib-dataset", "sample", "--calib-size", "128",
+    result = invoke("export", "-m", ckpt, "--precision", "int8", "--calib-dataset", "sample",
+                    "--calib-size", "128",
                     "--opset", "17", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -60,8 +62,10 @@ def test_export_torchscript_and_int8_default_names(ckpt):
 
 def test_static_export_reports_fixed_batch(ckpt, tmp_path):
     out = tmp_path / "static.onnx"
-    result = invoke("export", "-m", ckpt, "-o", out, "--static", "--batch-size", "8", "--opset", "17", "--no-verify")
-    assert result.exit_code == 0, result.output and "not verified" in result.output
+    result = invoke("export", "-m", ckpt, "-o", out, "--static", "--batch-size", "8", "--opset", "17",
+                    "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert "not verified" in result.output
     facts = json.loads(invoke("info", "-m", out, "--json").stdout)
     assert facts["inputs"][0]["shape"] == [8, 3, 32, 32] and facts["opset"] == 17
 

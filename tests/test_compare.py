@@ -1,4 +1,4 @@
-"""`toolkit compare`: McNemar's exact test against statsmodels, the pairing of two reports, and the command."""
+"""`toolkit compare`: McNemar's exact test against statsmodels, pairing two reports, and the command."""
 
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ def test_p_value_matches_statsmodels(a_only, b_only):
 
 
 def test_p_value_grid_and_bounds():
-    for n in range(0, 80):
+    for n in range(80):
         for k in range(n + 1):
             assert abs(binomial_two_sided_p(k, n) - statsmodels_p(k, n - k)) <= TOL, (k, n)
     assert binomial_two_sided_p(0, 0) == 1.0
     assert binomial_two_sided_p(0, 1000) == pytest.approx(2.0 ** -999, rel=1e-12)  # tiny, not rounded early
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="0 <= k <= n"):
         binomial_two_sided_p(5, 3)
 
 
@@ -75,9 +75,9 @@ def test_compare_reports_pairs_by_class_name():
     assert abs(data["mcnemar"]["p_value"] - expected) <= TOL
 
     # The same model with its classes in another order: identical answers, agreement 1, p = 1.
+    from test_report import LinearRunner, dataset
     from toolkit.card import ModelCard
     from toolkit.evaluate import evaluate
-    from test_report import LinearRunner, dataset
 
     card = ModelCard(arch="resnet20", class_names=names, input_size=(3, 8, 8), resize_size=8)
     runner = LinearRunner(card, seed=0)
@@ -106,7 +106,8 @@ def test_compare_command_on_fp32_and_int8(sample_model, sample_onnx_int8, tmp_pa
     test = data["mcnemar"]
     assert test["both_right"] + test["a_only_right"] + test["b_only_right"] + test["both_wrong"] == 360
     assert abs(test["p_value"] - statsmodels_p(test["a_only_right"], test["b_only_right"])) <= TOL
-    assert test["verdict"] in ("the difference is significant at 0.05", "the difference is not significant at 0.05")
+    assert test["verdict"] in ("the difference is significant at 0.05",
+                               "the difference is not significant at 0.05")
     assert data["agreement"] == pytest.approx(1 - len(data["disagreements"]) / 360)
     assert {m["metric"] for m in data["metrics"]} >= {"accuracy", "macro_f1", "ece", "nll", "brier"}
     files = sorted(p.name for p in (tmp_path / "cmp").iterdir())
@@ -116,7 +117,8 @@ def test_compare_command_on_fp32_and_int8(sample_model, sample_onnx_int8, tmp_pa
     page = (tmp_path / "cmp" / "report.html").read_text()
     assert "McNemar" in page and page.count('class="thumb"') == min(64, len(data["disagreements"]))
 
-    result = invoke("compare", "-m", sample_model, "-m", sample_onnx_int8, "--dataset", "sample", "--limit", "60")
+    result = invoke("compare", "-m", sample_model, "-m", sample_onnx_int8, "--dataset", "sample",
+                    "--limit", "60")
     assert result.exit_code == 0, result.output
     assert "top-1 agreement" in result.output and "significant at 0.05" in result.output
 

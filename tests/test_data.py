@@ -26,7 +26,7 @@ class Payload:
 def test_cifar_unpickler_refuses_code(tmp_path):
     marker = tmp_path / "ran"
     (tmp_path / "test_batch").write_bytes(pickle.dumps({"data": Payload(marker)}))
-    with pytest.raises(DataError, match="refusing to load posix.system|refusing to load os.system"):
+    with pytest.raises(DataError, match=r"refusing to load (posix|os)\.system"):
         safe_unpickle(tmp_path / "test_batch")
     assert not marker.exists()
 
@@ -48,7 +48,8 @@ def test_sample_is_real_digits_in_cifar_format():
     assert (test.images[..., 0] == test.images[..., 2]).all() and test.images.max() == 255
 
 
-@pytest.mark.parametrize("size, interpolation", [((50, 40), "bilinear"), ((300, 451), "bicubic"), ((32, 32), "bilinear")])
+@pytest.mark.parametrize("size, interpolation",
+                         [((50, 40), "bilinear"), ((300, 451), "bicubic"), ((32, 32), "bilinear")])
 def test_preprocess_matches_torchvision_transforms(size, interpolation):
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
@@ -72,4 +73,5 @@ def test_preprocess_matches_torchvision_transforms(size, interpolation):
 def test_preprocess_arrays_equal_the_pil_path():
     card = ModelCard(arch="resnet20", class_names=("a",), input_size=(3, 32, 32), resize_size=32)
     images = load_sample("test").images[:5]
-    np.testing.assert_array_equal(preprocess(images, card), preprocess([Image.fromarray(i) for i in images], card))
+    from_pil = preprocess([Image.fromarray(i) for i in images], card)
+    np.testing.assert_array_equal(preprocess(images, card), from_pil)

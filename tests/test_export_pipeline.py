@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from export import pipeline
 from export.pipeline import FormatSpec, TensorRTOptions, format_spec, run_export
 from toolkit import names
-from toolkit.errors import NoSpaceError, UsageError
+from toolkit.errors import ExportError, NoSpaceError, UsageError
 
 runner = CliRunner()
 
@@ -51,7 +51,7 @@ def dead_pid() -> int:
     return child.pid
 
 
-@pytest.fixture()
+@pytest.fixture
 def ckpt(tmp_path, sample_model):
     """A private copy of the sample checkpoint (and its card) in its own folder."""
     folder = tmp_path / "ckpt"
@@ -113,7 +113,8 @@ def test_a_new_format_is_a_module_and_two_registry_lines(ckpt, tmp_path, monkeyp
     monkeypatch.setitem(names.EXPORT_FORMATS, "toy", "toy_export_format:FORMAT")  # file 2
     monkeypatch.setitem(registry.FORMATS, "toyfmt", registry.ArtifactFormat("toyfmt", (".toy",)))  # file 3
     backend = registry.BACKENDS["torchscript"]
-    monkeypatch.setitem(registry.BACKENDS, "torchscript", registry.Backend(backend.target, (*backend.reads, "toyfmt")))
+    reads_toy = registry.Backend(backend.target, (*backend.reads, "toyfmt"))
+    monkeypatch.setitem(registry.BACKENDS, "torchscript", reads_toy)
 
     result = run_export(ckpt, "toy", verify_samples=32)
     assert result.ok and result.path == ckpt.with_suffix(".toy") and result.verify.max_abs_diff < 1e-4
@@ -141,9 +142,9 @@ def test_unknown_options_name_the_valid_ones(ckpt):
         run_export(ckpt, "tensorrt", warp_speed=9)
     with pytest.raises(UsageError, match=r"--format onnx does not take name; valid options: none"):
         run_export(ckpt, "onnx", name="x")
-    with pytest.raises(UsageError, match="TritonOptions"):
-        from export.triton import TritonOptions
+    from export.triton import TritonOptions
 
+    with pytest.raises(UsageError, match="TritonOptions"):
         run_export(ckpt, "onnx", options=[TritonOptions(name="x")])
     with pytest.raises(UsageError, match="--max-batch must be >= 1"):
         run_export(ckpt, "tensorrt", max_batch=0)
@@ -152,7 +153,8 @@ def test_unknown_options_name_the_valid_ones(ckpt):
 
 def test_cli_option_for_another_format_is_a_usage_error(ckpt):
     result = invoke("export", "-m", ckpt, "--format", "onnx", "--name", "digits")
-    assert result.exit_code == 2 and "does not take name" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "does not take name" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_options_parse_flat_names_and_typed_instances():
@@ -205,9 +207,12 @@ def test_output_that_is_the_input_is_refused(ckpt, tmp_path):
     odd_path = ckpt.parent / ".." / ckpt.parent.name / ckpt.name
     for output in (ckpt, odd_path, hard_link, symlink):
         for fmt in ("onnx", "torchscript"):
-            result = invoke("export", "-m", ckpt, "--format", fmt, "-o", output, "--opset", "17", "--no-verify")
-            assert result.exit_code == 2 and "is the input checkpoint" in result.output, (output, result.output)
-    assert ckpt.read_bytes() == original and symlink.is_symlink() and hard_link.stat().st_ino == ckpt.stat().st_ino
+            result = invoke("export", "-m", ckpt, "--format", fmt, "-o", output, "--opset", "17",
+                            "--no-verify")
+            assert result.exit_code == 2, (output, result.output)
+            assert "is the input checkpoint" in result.output, (output, result.output)
+    assert ckpt.read_bytes() == original and symlink.is_symlink()
+    assert hard_link.stat().st_ino == ckpt.stat().st_ino
     assert sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name, ckpt.name + ".card.json"]
 
 
@@ -228,7 +233,8 @@ def test_triton_refuses_a_model_folder_holding_the_checkpoint(ckpt, tmp_path):
     (repo / "digits").mkdir(parents=True)
     inside = repo / "digits" / ckpt.name
     shutil.copy(ckpt, inside)
-    result = invoke("export", "-m", inside, "--format", "triton", "-o", repo, "--name", "digits", "--opset", "17",
+    result = invoke("export", "-m", inside, "--format", "triton", "-o", repo, "--name", "digits",
+                    "--opset", "17",
                     "--no-verify")
     assert result.exit_code == 2 and "holds the input checkpoint" in result.output, result.output
     assert inside.read_bytes() == ckpt.read_bytes()
@@ -249,7 +255,8 @@ def test_triton_into_an_existing_repository_changes_only_its_model(ckpt, tmp_pat
     (repo / "dangling").symlink_to(tmp_path / "nowhere")
     before = snapshot(repo, skip="digits")
     inode = (repo / "other" / "1" / "model.onnx").stat().st_ino
-    result = invoke("export", "-m", ckpt, "--format", "triton", "-o", repo, "--name", "digits", "--opset", "17",
+    result = invoke("export", "-m", ckpt, "--format", "triton", "-o", repo, "--name", "digits",
+                    "--opset", "17",
                     "--verify-samples", "32")
     assert result.exit_code == 0, result.output
     assert snapshot(repo, skip="digits") == before  # byte for byte, hidden files and links included
@@ -272,8 +279,9 @@ def test_next_export_restores_a_model_lost_between_the_two_renames(ckpt, tmp_pat
     killed_stage = repo / f".digits.export-{dead_pid()}-0a1b2c3d"
     killed_stage.mkdir()
     (killed_stage / "digits").mkdir()
-    result = invoke("export", "-m", ckpt, "--format", "triton", "-o", repo, "--name", "digits", "--opset", "17",
-                    "--atol", "0", "--rtol", "0", "--verify-samples", "16")  # fails verification: keeps old
+    # --atol 0: verification fails, so the old model must stay in place
+    result = invoke("export", "-m", ckpt, "--format", "triton", "-o", repo, "--name", "digits",
+                    "--opset", "17", "--atol", "0", "--rtol", "0", "--verify-samples", "16")
     assert result.exit_code == 1 and "verification failed" in result.output, result.output
     assert (repo / "digits" / "config.pbtxt").read_text() == 'name: "digits"  # the version we had\n'
     assert sorted(p.name for p in repo.iterdir()) == ["digits"]  # backup restored, dead staging removed
@@ -338,14 +346,15 @@ def test_full_disk_is_one_line_and_nothing_partial(ckpt, tmp_path, monkeypatch, 
     assert snapshot(out) == before
 
 
-@pytest.fixture()
+@pytest.fixture
 def tiny_disk(tmp_path):
     """A 100 KB tmpfs (needs root and mount); skipped where it cannot be mounted."""
     mount = tmp_path / "tiny"
     mount.mkdir()
     if not shutil.which("mount") or os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mount)], capture_output=True)
+    command = ["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mount)]
+    made = subprocess.run(command, capture_output=True, check=False)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode(errors='replace').strip()}")
     try:
@@ -355,12 +364,11 @@ def tiny_disk(tmp_path):
 
 
 def _fill(folder: Path) -> None:
-    with open(folder / "filler", "wb", buffering=0) as handle:
-        try:
-            while handle.write(b"\x00" * 512):
-                pass
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
+    filler = open(folder / "filler", "wb", buffering=0)  # noqa: SIM115 - closed below, after the error
+    with filler, pytest.raises(OSError, match="No space") as full:  # noqa: PT012
+        while filler.write(b"\x00" * 512):
+            pass
+    assert full.value.errno == errno.ENOSPC
     assert shutil.disk_usage(folder).free == 0
 
 
@@ -375,7 +383,8 @@ def test_real_full_filesystem(ckpt, tiny_disk, fmt, full):
     result = invoke("export", "-m", ckpt, "--format", fmt, "-o", output, "--opset", "17", "--no-verify")
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: no space left on ") and str(tiny_disk) in lines[0], lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: no space left on ") and str(tiny_disk) in lines[0], lines
     after = snapshot(tiny_disk)
     after.pop("repo", None)  # the repository folder itself may have been created (empty)
     assert after == before
@@ -389,5 +398,5 @@ def test_no_space_error_is_a_toolkit_error():
 
 def test_format_spec_without_registry_entry_says_so():
     spec = FormatSpec("no-such-artifact", lambda job, path: path)
-    with pytest.raises(Exception, match="not in toolkit/runtime/registry.py"):
+    with pytest.raises(ExportError, match=r"not in toolkit/runtime/registry\.py"):
         spec.suffix("fp32")

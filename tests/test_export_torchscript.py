@@ -7,10 +7,9 @@ import zipfile
 import pytest
 
 from export import torchscript
+from test_export_onnx import assert_close, eager, inputs, random_net
 from toolkit.runtime.registry import detect_format, open_model
 from toolkit.runtime.torchscript_runner import TorchScriptRunner
-
-from test_export_onnx import assert_close, eager, inputs, random_net
 
 CASES = [
     pytest.param("resnet20", 32, id="cifar-resnet20"),

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +20,15 @@ from toolkit.errors import ExportError, NoSpaceError
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:
     """Every entry under `folder` (hidden ones too): file bytes, or None for a folder."""
-    return {str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes()) for p in sorted(folder.rglob("*"))}
+    return {str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes())
+            for p in sorted(folder.rglob("*"))}
+
+
+def fail_while_writing(context: Any, exc: BaseException) -> None:
+    """Enter an atomic_path/atomic_directory, write into what it yields, then fail with `exc`."""
+    with context as staged:
+        (staged / "config.pbtxt" if staged.is_dir() else staged).write_text("partial")
+        raise exc
 
 
 def dead_pid() -> int:
@@ -41,10 +51,13 @@ def make_model(folder: Path, text: str) -> Path:
 def test_atomic_path_replaces_file_and_leaves_nothing_on_error(tmp_path):
     target = tmp_path / "out.onnx"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError), fileio.atomic_path(target) as tmp:
-        assert tmp.parent == tmp_path and tmp.suffix == ".onnx"
-        tmp.write_bytes(b"half")
-        raise RuntimeError("writer failed")
+    with fileio.atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".onnx" and tmp.name.startswith(".out.onnx.tmp-")
+        tmp.write_bytes(b"new")
+    with pytest.raises(RuntimeError, match="writer failed"):
+        fail_while_writing(fileio.atomic_path(target), RuntimeError("writer failed"))
+    assert target.read_bytes() == b"new"
+    target.write_bytes(b"old")
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
     fileio.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
@@ -72,9 +85,8 @@ def test_atomic_path_never_replaces_a_folder(tmp_path):
 def test_full_disk_is_one_line_and_nothing_partial(tmp_path, exc):
     target = tmp_path / "report.json"
     target.write_text("old")
-    with pytest.raises(NoSpaceError) as caught, fileio.atomic_path(target) as tmp:
-        tmp.write_text("partial")
-        raise exc
+    with pytest.raises(NoSpaceError) as caught:
+        fail_while_writing(fileio.atomic_path(target), exc)
     assert str(caught.value) == f"no space left on {tmp_path}"
     assert snapshot(tmp_path) == {"report.json": b"old"}
 
@@ -82,9 +94,9 @@ def test_full_disk_is_one_line_and_nothing_partial(tmp_path, exc):
 def test_vague_writer_error_on_a_full_disk_is_no_space(tmp_path, monkeypatch):
     """torch.jit.save says only "file write failed"; a nearly full filesystem explains it."""
     monkeypatch.setattr(fileio, "_nearly_full", lambda folder: True)
-    with pytest.raises(NoSpaceError), fileio.atomic_path(tmp_path / "m.ts") as tmp:
-        tmp.write_bytes(b"x")
-        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    vague = RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    with pytest.raises(NoSpaceError):
+        fail_while_writing(fileio.atomic_path(tmp_path / "m.ts"), vague)
     assert not any(tmp_path.iterdir())
 
 
@@ -104,9 +116,8 @@ def test_atomic_directory_swaps_and_rolls_back(tmp_path, monkeypatch, exchange):
     make_model(repo / "digits", "old")
     (repo / "other").mkdir()
     (repo / "other" / "f").write_text("other")
-    with pytest.raises(ValueError), fileio.atomic_directory(repo / "digits") as stage:
-        (stage / "config.pbtxt").write_text("half")
-        raise ValueError("failed mid-write")
+    with pytest.raises(ValueError, match="failed mid-write"):
+        fail_while_writing(fileio.atomic_directory(repo / "digits"), ValueError("failed mid-write"))
     assert snapshot(repo) == {"digits": None, "digits/1": None, "digits/1/model.onnx": b"oldoldold",
                               "digits/config.pbtxt": b"old", "other": None, "other/f": b"other"}
     with fileio.atomic_directory(repo / "digits") as stage:
@@ -126,10 +137,8 @@ def test_atomic_directory_refuses_to_replace_a_file(tmp_path):
 def test_atomic_directory_full_disk(tmp_path):
     make_model(tmp_path / "digits", "old")
     before = snapshot(tmp_path)
-    with pytest.raises(NoSpaceError, match=f"^no space left on {tmp_path}$"):
-        with fileio.atomic_directory(tmp_path / "digits") as stage:
-            (stage / "config.pbtxt").write_text("x")
-            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(NoSpaceError, match=f"^no space left on {re.escape(str(tmp_path))}$"):
+        fail_while_writing(fileio.atomic_directory(tmp_path / "digits"), OSError(errno.ENOSPC, "No space"))
     assert snapshot(tmp_path) == before
 
 
@@ -173,8 +182,8 @@ def test_kill_at_each_step_of_the_swap_is_recoverable(tmp_path, exchange):
         repo = tmp_path / f"repo{crash_at}"
         make_model(repo / "digits", "old")
         (repo / ".gitignore").write_text("*.tmp\n")
-        run = subprocess.run([sys.executable, str(script), str(repo / "digits"), str(crash_at), str(int(exchange))],
-                             capture_output=True, text=True, timeout=60)
+        command = [sys.executable, str(script), str(repo / "digits"), str(crash_at), str(int(exchange))]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=60)
         if run.returncode == 0:  # ran to the end: fewer steps than crash_at
             assert (repo / "digits" / "config.pbtxt").read_text() == "new"
             break
@@ -183,8 +192,8 @@ def test_kill_at_each_step_of_the_swap_is_recoverable(tmp_path, exchange):
         # what a reader (Triton, the next export) sees after recovery: one whole version
         fileio.recover(repo / "digits")
         content = snapshot(repo / "digits")
-        assert content in ({"config.pbtxt": b"new"},
-                           {"1": None, "1/model.onnx": b"oldoldold", "config.pbtxt": b"old"}), (crash_at, content)
+        old = {"1": None, "1/model.onnx": b"oldoldold", "config.pbtxt": b"old"}
+        assert content in ({"config.pbtxt": b"new"}, old), (crash_at, content)
         # the next export to the same place succeeds and leaves no leftovers
         with fileio.atomic_directory(repo / "digits") as stage:
             (stage / "config.pbtxt").write_text("next")

@@ -24,7 +24,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from toolkit.card import (
-    MAX_CARD_DEPTH, MAX_CLASSES, CardError, ModelCard, json_depth, load_json_bounded, load_sidecar, sidecar_path,
+    MAX_CARD_DEPTH,
+    MAX_CLASSES,
+    CardError,
+    ModelCard,
+    json_depth,
+    load_json_bounded,
+    load_sidecar,
+    sidecar_path,
 )
 from toolkit.cli import app
 from toolkit.data import load_cifar, load_image_folder, safe_unpickle
@@ -38,11 +45,13 @@ IMAGENET_CARD = ModelCard(arch="resnet50", class_names=("a", "b"))  # resize 256
 
 
 def child_peak_mb(code: str, timeout: float = 120) -> tuple[float, subprocess.CompletedProcess]:
-    """Run `code` in a fresh interpreter; its own peak RSS in MB (ru_maxrss, reported by the child,
-    since RUSAGE_CHILDREN would give the largest of all children this test process ever ran)."""
-    report = "\nimport resource, sys\nprint('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-    done = subprocess.run([sys.executable, "-c", code + report], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+    """Run `code` in a fresh interpreter; its own peak RSS in MB, read by the child from /proc
+    (VmHWM: this program's memory since exec; ru_maxrss would carry over this big test process's
+    peak through fork+exec, and RUSAGE_CHILDREN the largest child this process ever ran)."""
+    report = ("\nprint('PEAK_KB', next(line.split()[1] for line in open('/proc/self/status') "
+              "if line.startswith('VmHWM:')), file=__import__('sys').stderr)\n")
+    done = subprocess.run([sys.executable, "-c", code + report], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
     peaks = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("PEAK_KB ")]
     assert peaks, f"the child did not finish: rc {done.returncode}\n{done.stderr[-2000:]}"
     return int(peaks[-1]) / 1024, done
@@ -51,7 +60,10 @@ def child_peak_mb(code: str, timeout: float = 120) -> tuple[float, subprocess.Co
 def cli(*args: str, seconds: float = 120):
     """CliRunner in a thread with a deadline, so a regression that blocks on a FIFO fails, not hangs."""
     box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(result=CliRunner().invoke(app, list(args))), daemon=True)
+    def run() -> None:
+        box["result"] = CliRunner().invoke(app, list(args))
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(seconds)
     assert not thread.is_alive(), f"toolkit {' '.join(args)} still running after {seconds}s (blocked?)"
@@ -68,12 +80,13 @@ def one_error_line(result) -> str:
 
 
 def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height (8-bit grey) with one tiny IDAT: the header is what a limit reads."""
+    """A PNG declaring width x height (8-bit grey) with one tiny IDAT: a limit reads only the header."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
 
 
 def line_png(width: int, height: int) -> bytes:
@@ -100,7 +113,8 @@ def test_extreme_aspect_ratio_costs_one_input_sized_image(tmp_path, size):
     peak, done = child_peak_mb(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(224, 224, 3) uint8"
-    # the full resize would be 256,000,000 x 256 x 3 = 196 GB; the crop-only resize stays near the interpreter's size
+    # the full resize would be 256,000,000 x 256 x 3 = 196 GB; the crop-only resize stays near
+    # the interpreter's own size
     assert peak < 400, f"peak RSS {peak:.0f} MB"
 
 
@@ -141,7 +155,8 @@ def test_decompression_bomb_warning_never_prints(tmp_path):
         "    except Exception as exc:\n"
         "        print(type(exc).__name__)\n"
     )
-    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, cwd=ROOT,
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
+                          cwd=ROOT,
                           timeout=60)
     assert "DecompressionBomb" not in done.stderr, done.stderr
     assert done.stdout.split() == ["UnsupportedImageError", "UnsupportedImageError", "ImageTooLargeError"]
@@ -162,7 +177,7 @@ def _other_formats() -> dict[str, bytes]:
     image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (12, 16, 3), dtype=np.uint8))
     blobs = {}
     for fmt, mode in (("DDS", "RGB"), ("BLP", "P"), ("SPIDER", "F"), ("PCX", "RGB"), ("TGA", "RGB"),
-                      ("ICO", "RGB"), ("PPM", "RGB"), ("SGI", "RGB"), ("IM", "RGB")):
+                      ("ICO", "RGB"), ("PPM", "RGB"), ("SGI", "RGB")):
         buffer = io.BytesIO()
         image.convert(mode).save(buffer, fmt)
         blobs[fmt] = buffer.getvalue()
@@ -255,7 +270,8 @@ def test_pipes_and_devices_are_refused_by_every_command(tmp_path, sample_model):
     _write_cifar(cifar)
     (cifar / "test_batch").unlink()
     _fifo(cifar / "test_batch")
-    result = cli("eval", "-m", str(sample_model), "--dataset", "cifar10", "--data-dir", str(cifar), seconds=60)
+    result = cli("eval", "-m", str(sample_model), "--dataset", "cifar10", "--data-dir", str(cifar),
+                 seconds=60)
     assert result.exit_code == 1 and "named pipe" in one_error_line(result)
 
 
@@ -267,8 +283,8 @@ def _write_cifar(folder: Path, batch: dict | None = None, meta: dict | None = No
     rng = np.random.default_rng(4)
     base = {b"data": rng.integers(0, 256, (rows, 3072), dtype=np.uint8), b"labels": list(range(rows)),
             b"filenames": [b"a.png"] * rows}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta if meta is not None else
-                                                       {b"label_names": [b"c%d" % i for i in range(10)]}, protocol))
+    names = {b"label_names": [b"c%d" % i for i in range(10)]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta if meta is not None else names, protocol))
     (folder / "test_batch").write_bytes(pickle.dumps(base if batch is None else batch, protocol))
     return folder
 
@@ -296,7 +312,8 @@ BAD_BATCHES = {
     "pixels as strings": (_batch(data=np.full((6, 3072), "x")), "must hold integers"),
     "pixels as floats": (_batch(data=np.zeros((6, 3072), dtype=np.float32)), "must hold integers"),
     "pixel rows as lists of str": (_batch(data=[["x"] * 3072] * 6), "must hold integers"),
-    "rows of the wrong width": (_batch(data=np.zeros((6, 100), dtype=np.uint8)), r"expected shape \(N, 3072\)"),
+    "rows of the wrong width": (_batch(data=np.zeros((6, 100), dtype=np.uint8)),
+                                r"expected shape \(N, 3072\)"),
     "more labels than images": (_batch(labels=[0] * 7), "7 labels for 6 images"),
     "fewer labels than images": (_batch(labels=[0] * 5), "5 labels for 6 images"),
     "object array": (_batch(data=np.array([[None] * 3072] * 6, dtype=object)), "must hold integers"),
@@ -393,7 +410,8 @@ def test_shared_references_cannot_expand_a_small_file(tmp_path):
         "    print(type(exc).__name__, exc)\n"
     )
     peak, done = child_peak_mb(code)
-    assert "DataError" in done.stdout and "expands beyond the file's size" in done.stdout, done.stdout + done.stderr
+    assert "DataError" in done.stdout, done.stdout + done.stderr
+    assert "expands beyond the file's size" in done.stdout
     assert peak < 500, f"peak RSS {peak:.0f} MB"
 
 
@@ -428,7 +446,8 @@ def _damaged_checkpoints(sample_model: Path, folder: Path) -> dict[str, tuple[Pa
             "arch": "resnet20", "class_names": list("abcdefghij"), "input_size": [3, 20000, 20000],
             "resize_size": 20000}}, "over the limit of 4096"),
         "mean as text in the card": ({"state_dict": state, "toolkit_card": {
-            "arch": "resnet20", "class_names": list("abcdefghij"), "mean": "abc"}}, "mean must be a list of numbers"),
+            "arch": "resnet20", "class_names": list("abcdefghij"), "mean": "abc"}},
+            "mean must be a list of numbers"),
     }
     out = {}
     for name, (obj, message) in cases.items():
@@ -458,8 +477,9 @@ def test_damaged_checkpoints_give_one_line_in_validate_export_and_info(tmp_path,
 
 def test_claimed_sizes_stay_bounded_in_memory(tmp_path, sample_model):
     cases = _damaged_checkpoints(sample_model, tmp_path)
-    paths = [str(cases[name][0]) for name in ("stride-0 fc claiming 10^9 classes",
-                                              "stride-0 conv claiming 10^10 elements", "safetensors [1e9, 0] head")]
+    names = ("stride-0 fc claiming 10^9 classes", "stride-0 conv claiming 10^10 elements",
+             "safetensors [1e9, 0] head")
+    paths = [str(cases[name][0]) for name in names]
     code = (
         "from toolkit.validate import validate_checkpoint\n"
         f"for path in {paths!r}:\n"
@@ -517,7 +537,8 @@ def test_json_size_and_depth_are_bounded_before_parsing():
         ModelCard.from_json(deep)
     with pytest.raises(CardError, match="over the limit of 10"):
         load_json_bounded("[" + "1," * 20 + "1]", max_bytes=10, max_depth=5)
-    assert load_json_bounded('{"a": [1, {"b": "]]]"}]}', max_bytes=100, max_depth=3) == {"a": [1, {"b": "]]]"}]}
+    parsed = load_json_bounded('{"a": [1, {"b": "]]]"}]}', max_bytes=100, max_depth=3)
+    assert parsed == {"a": [1, {"b": "]]]"}]}
 
 
 def test_a_sidecar_that_is_a_fifo_or_huge_is_refused(tmp_path):

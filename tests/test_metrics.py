@@ -47,7 +47,7 @@ def test_known_example():
     cm = ConfusionMatrix.from_predictions(y_true, y_pred, num_classes=5)
     assert_matches_sklearn(cm, y_true, y_pred)
     # class 3 is never predicted (precision 0 by zero_division), class 4 never occurs at all
-    precision, recall, f1, support = cm.per_class()
+    precision, recall, _, support = cm.per_class()
     assert precision[3] == 0 and recall[3] == 0 and support[4] == 0
     assert cm.accuracy == pytest.approx(5 / 8)
 
@@ -151,7 +151,8 @@ def test_property_matches_sklearn_and_merges(data, split_parts):
 @given(st.integers(5, 12), st.integers(1, 40), st.integers(0, 2**31 - 1), st.booleans())
 def test_property_topk_matches_sklearn(n_classes, size, seed, coarse):
     rng = np.random.default_rng(seed)
-    scores = rng.integers(0, 4, size=(size, n_classes)).astype(float) if coarse else rng.normal(size=(size, n_classes))
+    shape = (size, n_classes)
+    scores = rng.integers(0, 4, size=shape).astype(float) if coarse else rng.normal(size=shape)
     labels = rng.integers(0, n_classes, size=size)
     cm = ConfusionMatrix(n_classes, top_k=(1, 3, 5)).add_scores(labels, scores)
     for k in (3, 5):

@@ -1,4 +1,4 @@
-"""predict(): every image format and mode, EXIF orientation, bad inputs, bombs; never imports torch for ONNX."""
+"""predict(): every image format and mode, EXIF orientation, bad inputs, bombs; ONNX never imports torch."""
 
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ def test_exif_orientation_is_applied(runner, digits, tmp_path):
     upright = reference(runner, digits)
     tagged, untagged = [], []
     for i, image in enumerate(digits):
-        stored = Image.fromarray(image).transpose(Image.Transpose.ROTATE_90)  # as a sideways camera would store it
+        # as a sideways camera would store it
+        stored = Image.fromarray(image).transpose(Image.Transpose.ROTATE_90)
         exif = Image.Exif()
         exif[0x0112] = 6  # Orientation: rotate 90 CW to display
         stored.save(tmp_path / f"tag{i}.png", exif=exif)
@@ -122,7 +123,8 @@ def _bomb_png(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    idat = chunk(b"IDAT", zlib.compress(b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
 
 
 def test_bad_inputs_get_error_entries_and_the_rest_answers(runner, digits, tmp_path):
@@ -176,7 +178,8 @@ def test_onnx_predict_and_eval_never_import_torch(sample_onnx_fp32, digits, tmp_
 import sys, json
 from typer.testing import CliRunner
 from toolkit.cli import app
-r = CliRunner().invoke(app, ["predict", "-m", {str(sample_onnx_fp32)!r}, {str(tmp_path / 'a.png')!r}, "-f", "json"])
+image = {str(tmp_path / 'a.png')!r}
+r = CliRunner().invoke(app, ["predict", "-m", {str(sample_onnx_fp32)!r}, image, "-f", "json"])
 assert r.exit_code == 0, r.output
 json.loads(r.stdout)
 r = CliRunner().invoke(app, ["predict", "-m", {str(sample_onnx_fp32)!r}, {str(tmp_path / 'a.png')!r}])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from export.quantize import quantize, select_calibration
+from toolkit.artifacts import ONNX_FACTS_KEY, ArtifactFacts
 from toolkit.data import Dataset
 from toolkit.errors import UsageError
 from toolkit.evaluate import collect_logits, top1_accuracy
@@ -41,13 +42,26 @@ def test_qdq_layout_u8_activations_s8_per_channel_weights(sample_onnx_int8):
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
     inits = {t.name: t for t in proto.graph.initializer}
-    zero_points = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[2] in inits]
+    zero_points = [inits[n.input[2]] for n in proto.graph.node
+                   if n.op_type == "QuantizeLinear" and n.input[2] in inits]
     assert zero_points and all(z.data_type == onnx.TensorProto.UINT8 for z in zero_points)
     weight_dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
                  and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
-    assert any(len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1 for n in weight_dq)  # per channel
+    per_channel = [n for n in weight_dq if len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1]
+    assert per_channel
     props = {p.key: p.value for p in proto.metadata_props}
-    assert props["toolkit.precision"] == "int8" and "toolkit.card" in props
+    facts = ArtifactFacts.from_json(props[ONNX_FACTS_KEY])
+    assert facts.precision == "int8" and "toolkit.card" in props and "method=minmax" in facts.calibration
+
+
+def test_unknown_calibration_method_or_activation_type_names_the_choices(sample_onnx_fp32, sample_card,
+                                                                        tmp_path):
+    data = toy([0, 1])
+    with pytest.raises(UsageError, match="choose one of minmax, entropy, percentile"):
+        quantize(sample_onnx_fp32, sample_card, tmp_path / "q.onnx", data, method="histogram")
+    with pytest.raises(UsageError, match="activations must be one of u8, s8"):
+        quantize(sample_onnx_fp32, sample_card, tmp_path / "q.onnx", data, activations="u16")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])

@@ -30,7 +30,8 @@ def test_parse_url_forms():
     assert parse_url("http://h/proxy/v2/models/m/versions/3") == ("http", "h", 80, "/proxy", "m", "3")
     with pytest.raises(UsageError):
         parse_url("http://h:9/")
-    assert _card_from_config({}) is None and _card_from_config({"parameters": {"toolkit.card": {"string_value": "x"}}}) is None
+    assert _card_from_config({}) is None
+    assert _card_from_config({"parameters": {"toolkit.card": {"string_value": "x"}}}) is None
 
 
 def test_remote_runner_matches_local(base, local, sample_test):
@@ -62,7 +63,8 @@ def test_eval_cli_against_the_server(base, local, sample_test):
     from toolkit.cli import app
     from toolkit.evaluate import evaluate
 
-    result = CliRunner().invoke(app, ["eval", "-m", f"{base}/digits", "--dataset", "sample", "--limit", "60", "--json"])
+    result = CliRunner().invoke(app, ["eval", "-m", f"{base}/digits", "--dataset", "sample", "--limit", "60",
+                                      "--json"])
     assert result.exit_code == 0, result.output
     got = json.loads(result.stdout)
     offline = evaluate(local, sample_test.subset(60)).to_dict()

@@ -27,7 +27,8 @@ class LinearRunner(Runner):
 
     backend = "linear"
 
-    def __init__(self, card: ModelCard, *, seed: int = 0, scale: float = 40.0, source: str = "linear") -> None:
+    def __init__(self, card: ModelCard, *, seed: int = 0, scale: float = 40.0,
+                 source: str = "linear") -> None:
         super().__init__(card, source=source)
         rng = np.random.default_rng(seed)
         self.weights = rng.normal(size=(int(np.prod(card.input_size)), card.num_classes)).astype(np.float32)
@@ -92,7 +93,8 @@ def test_calibration_and_errors_in_every_output(report, tmp_path):
     written = write_eval_outputs(report, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(EVAL_FILES.values())
     assert set(written) == set(EVAL_FILES)
-    assert json.loads((tmp_path / "metrics.json").read_text())["calibration"] == json.loads(json.dumps(calibration))
+    written_calibration = json.loads((tmp_path / "metrics.json").read_text())["calibration"]
+    assert written_calibration == json.loads(json.dumps(calibration))
     rows = (tmp_path / "errors.csv").read_text().splitlines()
     assert rows[0] == "rank,index,input,label,predicted,confidence,true_class_probability"
     assert len(rows) == wrong + 1
@@ -203,3 +205,22 @@ def test_thumbnails_of_files_and_unreadable_ones(tmp_path):
     assert thumbnail_png(data, 2) is None
     page = gallery_html(data, [(2, "broken.png", [("<b>", "wrong")])])
     assert "no preview" in page and "&lt;b&gt;" in page
+
+
+def test_benchmark_table_shows_the_mcnemar_p_value():
+    from rich.console import Console
+
+    from toolkit.report import render_benchmark
+
+    def row(name: str, p: float | None) -> dict:
+        return {"name": name, "status": "ok", "accuracy": 0.99, "macro_f1": 0.99, "agreement": 1.0,
+                "latency_ms_p50": 1.0, "latency_ms_p99": 2.0, "throughput": 1000.0, "best_batch_size": 32,
+                "speedup": 1.0, "size_bytes": 1_000_000, "mcnemar_p": p, "error": None}
+
+    result = {"model": "m.pt", "dataset": "sample-test", "num_samples": 360, "device": "cpu",
+              "batch_sizes": [32],
+              "rows": [row("torch fp32", None), row("onnxruntime int8", 0.0123), row("openvino int8", 1.0)]}
+    console = Console(record=True, width=200)
+    render_benchmark(result, console)
+    text = console.export_text()
+    assert "p vs fp32" in text and "0.0123 *" in text and "1.0000" in text and "McNemar" in text

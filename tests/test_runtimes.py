@@ -32,7 +32,8 @@ def test_fp32_onnx_agrees_with_eager(sample_onnx_fp32, sample_test, reference_lo
 
 
 def test_openvino_runs_the_int8_file_like_onnxruntime(sample_onnx_int8, sample_test):
-    with open_model(sample_onnx_int8) as ort_runner, open_model(sample_onnx_int8, backend="openvino") as ov_runner:
+    with open_model(sample_onnx_int8) as ort_runner, \
+            open_model(sample_onnx_int8, backend="openvino") as ov_runner:
         assert ort_runner.precision == ov_runner.precision == "int8"
         a, b = collect_logits(ort_runner, sample_test), collect_logits(ov_runner, sample_test)
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.99
@@ -76,7 +77,8 @@ def test_cuda_without_provider_says_what_is_missing():
     with pytest.raises(BackendUnavailableError, match="CUDA execution provider"):
         providers_for("cuda", ["CPUExecutionProvider"])
     assert providers_for("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-    chosen = providers_for("cuda:1", ["TensorrtExecutionProvider", "CUDAExecutionProvider"], use_tensorrt=True)
+    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    chosen = providers_for("cuda:1", available, use_tensorrt=True)
     assert [p[0] for p in chosen] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
     assert chosen[1][1]["device_id"] == 1
 

@@ -112,9 +112,12 @@ def _connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=10)
 
 
-def test_oversized_request_head_is_431_and_never_read_whole(server, base):
+@pytest.mark.parametrize("complete", [False, True])
+def test_oversized_request_head_is_431_and_never_read_whole(server, base, complete):
+    """Incomplete (still arriving) and complete heads alike: h11 alone lets a complete one through."""
     with _connect(server[1]) as sock:
-        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (20 * 1024))
+        end = b"\r\n\r\n" if complete else b""
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (20 * 1024) + end)
         status, headers, body = _read_response(sock)
     assert status == 431 and headers["connection"] == "close"
     assert "headers are over the limit of 16 KB" in json.loads(body)["error"]

@@ -63,7 +63,8 @@ return {main: {left: m.left + parseFloat(style.paddingLeft), right: m.right - pa
 
 
 def overlaps(a: dict, b: dict) -> bool:
-    return a["left"] < b["right"] and b["left"] < a["right"] and a["top"] < b["bottom"] and b["top"] < a["bottom"]
+    across = a["left"] < b["right"] and b["left"] < a["right"]
+    return across and a["top"] < b["bottom"] and b["top"] < a["bottom"]
 
 
 def assert_layout(driver, width: int) -> None:
@@ -71,7 +72,8 @@ def assert_layout(driver, width: int) -> None:
     assert boxes["viewport"] == width
     drop, column = boxes["drop"], boxes["main"]
     # The drop zone is a block spanning the main column (it once was an 18-px inline strip over the title).
-    assert abs(drop["left"] - column["left"]) <= 1 and abs(drop["right"] - column["right"]) <= 1, (width, boxes)
+    spans = abs(drop["left"] - column["left"]) <= 1 and abs(drop["right"] - column["right"]) <= 1
+    assert spans, (width, boxes)
     assert drop["height"] >= 80, (width, boxes)
     for name in ("title", "model"):
         assert not overlaps(drop, boxes[name]), (width, name, boxes)
@@ -102,8 +104,8 @@ def test_page_shows_top5_matching_offline_predict(browser, sample_onnx_fp32, sam
         assert len(rows) == 5
         assert [int(r.get_attribute("data-index")) for r in rows] == [t["index"] for t in offline]
         assert rows[0].get_attribute("data-class") == offline[0]["class"]
-        WebDriverWait(browser, 5).until(lambda d: d.find_element(By.CSS_SELECTOR, "#top .row .bar").value_of_css_property(
-            "width") not in ("0px", "auto"))
+        WebDriverWait(browser, 5).until(lambda d: d.find_element(
+            By.CSS_SELECTOR, "#top .row .bar").value_of_css_property("width") not in ("0px", "auto"))
         assert "%" in rows[0].text
         assert_layout(browser, 400)  # the results under it do not disturb the layout
         rows_box = browser.execute_script(

@@ -12,10 +12,10 @@ import onnx
 import pytest
 
 from export import triton
-from toolkit.card import ModelCard, load_sidecar, sidecar_path
-from toolkit.errors import ExportError, ModelFormatError, UsageError
-from toolkit.runtime import open_model
 from toolkit.artifacts import ONNX_CARD_KEY
+from toolkit.card import ModelCard, load_sidecar, sidecar_path
+from toolkit.errors import ExportError, ModelFormatError, NoSpaceError, UsageError
+from toolkit.runtime import open_model
 
 model_config_pb2 = pytest.importorskip(
     "tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is in the test extra"
@@ -104,7 +104,7 @@ def test_no_batching_keeps_full_dims(onnx_file, sample_card, tmp_path):
 
 def test_static_batch_onnx_needs_max_batch_size_zero(sample_model, sample_card, tmp_path):
     static = _export_onnx(sample_model, sample_card, tmp_path / "static.onnx", dynamic=False)
-    with pytest.raises(ExportError, match="fixed batch dimension.*--dynamic"):
+    with pytest.raises(ExportError, match=r"fixed batch dimension.*--dynamic"):
         triton.export(static, tmp_path / "repo", sample_card, name="digits", max_batch_size=8)
     assert not (tmp_path / "repo" / "digits").exists()
     model_dir = triton.export(static, tmp_path / "repo", sample_card, name="digits", max_batch_size=0)
@@ -134,9 +134,9 @@ def test_failed_export_leaves_nothing_and_keeps_old_model(onnx_file, sample_card
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(triton.shutil, "copyfile", broken_copy)
-    with pytest.raises(ExportError, match="No space left"):
+    with pytest.raises(NoSpaceError, match=f"^no space left on {repo}$"):
         triton.export(onnx_file, repo, sample_card, name="digits", max_batch_size=64)
-    with pytest.raises(ExportError):
+    with pytest.raises(NoSpaceError):
         triton.export(onnx_file, repo, sample_card, name="fresh")
     assert sorted(p.name for p in repo.iterdir()) == ["digits"]  # no partial "fresh", no staging dirs
     assert (old_dir / "config.pbtxt").read_text("utf-8") == old_config  # old model untouched
@@ -147,14 +147,17 @@ def test_failed_export_leaves_nothing_and_keeps_old_model(onnx_file, sample_card
 
 
 def _fake_engine(tmp_path: Path, card, max_batch: int = 32) -> Path:
-    """An engine file plus the sidecar export.tensorrt writes (engine bytes are opaque to Triton export)."""
+    """An engine file plus the sidecars export.tensorrt writes (engine bytes are opaque to Triton export)."""
+    from toolkit.artifacts import ArtifactFacts, TensorFacts, facts_path
+
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not a real engine")
-    facts = {"version": "10.9.0", "gpu": "NVIDIA H100", "compute_capability": "9.0", "precision": "fp16",
-             "profile": {"min": 1, "opt": max_batch, "max": max_batch},
-             "input": {"name": "images", "shape": [-1, *card.input_size], "dtype": "float32"},
-             "output": {"name": "logits", "shape": [-1, card.num_classes], "dtype": "float32"}}
-    card.replace(extra={"tensorrt": facts}).save(sidecar_path(engine))
+    facts = ArtifactFacts("tensorrt", precision="fp16", tensorrt_version="10.9.0", gpu="NVIDIA H100",
+                          compute_capability="9.0", profile={"min": 1, "opt": max_batch, "max": max_batch},
+                          inputs=(TensorFacts("images", (-1, *card.input_size), "float32"),),
+                          outputs=(TensorFacts("logits", (-1, card.num_classes), "float32"),))
+    card.save(sidecar_path(engine))
+    facts.save(facts_path(engine))
     return engine
 
 
@@ -170,14 +173,17 @@ def test_engine_becomes_tensorrt_plan(sample_card, tmp_path):
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     plan = model_dir / "1" / "model.plan"
     assert plan.read_bytes() == engine.read_bytes()
-    assert load_sidecar(plan) == load_sidecar(engine)  # the card, with its TensorRT facts, travels along
+    assert load_sidecar(plan) == load_sidecar(engine)  # the card travels along, and the engine's facts
+    from toolkit.artifacts import facts_path
+
+    assert facts_path(plan).read_bytes() == facts_path(engine).read_bytes()
     assert ModelCard.from_json(config.parameters["toolkit.card"].string_value) == load_sidecar(engine)
     with pytest.raises(UsageError, match="profile max batch 32"):
         triton.export(engine, tmp_path / "repo", sample_card, name="too_big", max_batch_size=64)
     with pytest.raises(UsageError, match="KIND_GPU"):
         triton.export(engine, tmp_path / "repo", sample_card, name="cpu_plan", kind="KIND_CPU")
     sidecar_path(engine).unlink()
-    with pytest.raises(ModelFormatError, match="card .* is missing"):
+    with pytest.raises(ModelFormatError, match=r"card .* is missing"):
         triton.export(engine, tmp_path / "repo", sample_card, name="no_card")
 
 

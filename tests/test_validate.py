@@ -33,7 +33,7 @@ def codes(data: dict) -> set[str]:
     return {p["code"] for p in data["problems"]}
 
 
-@pytest.fixture()
+@pytest.fixture
 def trained_state(sample_model):
     return torch.load(sample_model, weights_only=True)
 
@@ -41,13 +41,15 @@ def trained_state(sample_model):
 def test_sample_model_is_valid_and_reaches_its_accuracy(sample_model):
     code, data = report("-m", str(sample_model), "--dataset", "sample", "--min-accuracy", "0.95")
     assert code == 0 and data["valid"] and not data["problems"]
-    assert (data["arch"], data["num_classes"], data["family"], data["stem"]) == ("resnet20", 10, "resnet", "cifar")
+    facts = (data["arch"], data["num_classes"], data["family"], data["stem"])
+    assert facts == ("resnet20", 10, "resnet", "cifar")
     assert data["accuracy"] >= 0.95 and len(data["sha256"]) == 64
     assert data["card"]["class_names"] == [str(i) for i in range(10)]
 
 
 def test_accuracy_gate_fails_below_threshold(sample_model):
-    code, data = report("-m", str(sample_model), "--dataset", "sample", "--limit", "100", "--min-accuracy", "100")
+    code, data = report("-m", str(sample_model), "--dataset", "sample", "--limit", "100",
+                        "--min-accuracy", "100")
     assert code == 1 and "accuracy_below_threshold" in codes(data)
 
 

@@ -103,7 +103,13 @@ def load_json_bounded(text: str | bytes, *, max_bytes: int, max_depth: int, what
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) or type(value).__name__.startswith(("int", "uint"))
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or type(value).__name__.startswith(("int", "uint"))  # numpy integers
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) or _is_int(value)
 
 
 def _is_real(value: Any) -> bool:
@@ -160,7 +166,8 @@ def _card_problems(card: ModelCard) -> list[str]:
 
 def _coerce(name: str, value: Any, check: Any, kind: str, length: int | None = None) -> tuple[Any, ...]:
     """A list/tuple whose items pass `check`, as a tuple; else a CardError naming the field."""
-    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__len__") or not hasattr(value, "__iter__"):
+    is_sequence = hasattr(value, "__len__") and hasattr(value, "__iter__")
+    if isinstance(value, (str, bytes, Mapping)) or not is_sequence:
         raise CardError(f"invalid model card: {name} must be a list of {kind}, got {_show(value)}")
     if name == "class_names" and len(value) > MAX_CLASSES:  # before touching a single item
         raise CardError(f"invalid model card: {len(value)} class names is over the limit of {MAX_CLASSES}")
@@ -219,7 +226,7 @@ class ModelCard:
     def __post_init__(self) -> None:
         # Types first (a card comes from files anyone may hand us), then ranges: one CardError
         # that names every problem, raised wherever a card is built, whatever it was read from.
-        names = _coerce("class_names", self.class_names, lambda v: isinstance(v, str) or _is_int(v), "strings")
+        names = _coerce("class_names", self.class_names, _is_name, "strings")
         object.__setattr__(self, "class_names", tuple(str(c) for c in names))
         object.__setattr__(self, "input_size", tuple(int(v) for v in _coerce(
             "input_size", self.input_size, _is_int, "integers", 3)))
@@ -228,10 +235,12 @@ class ModelCard:
                 name, getattr(self, name), _is_real, "numbers", 3)))
         for name in ("resize_size",):
             if not _is_int(getattr(self, name)):
-                raise CardError(f"invalid model card: {name} must be an integer, got {_show(getattr(self, name))}")
+                raise CardError(f"invalid model card: {name} must be an integer, "
+                                f"got {_show(getattr(self, name))}")
         object.__setattr__(self, "resize_size", int(self.resize_size))
         if not isinstance(self.interpolation, str):
-            raise CardError(f"invalid model card: interpolation must be a string, got {_show(self.interpolation)}")
+            raise CardError("invalid model card: interpolation must be a string, "
+                            f"got {_show(self.interpolation)}")
         if not isinstance(self.extra, Mapping):
             raise CardError(f"invalid model card: extra must be an object, got {_show(self.extra)}")
         object.__setattr__(self, "extra", dict(self.extra))

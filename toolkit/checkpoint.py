@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +91,9 @@ def _load_torch(path: Path, allow_pickle: bool) -> Any:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        with warnings.catch_warnings():  # torch's note on scanning sparse tensors; we refuse those anyway
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
         if allow_pickle:
             raise CheckpointError(f"{path}: cannot unpickle: {exc}") from None
@@ -122,7 +125,7 @@ def _load_safetensors(path: Path) -> tuple[dict[str, Any], ModelCard | None]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open is no dict
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
     return tensors, _embedded_card(metadata.get(SAFETENSORS_CARD_KEY), path)
@@ -144,7 +147,8 @@ def _check_tensors(state: Mapping[Any, Any], path: Path) -> None:
 
     for key, value in state.items():
         if not isinstance(key, str):
-            raise CheckpointError(f"{path}: tensor names must be strings, found {key!r} ({type(key).__name__})")
+            raise CheckpointError(f"{path}: tensor names must be strings, "
+                                  f"found {key!r} ({type(key).__name__})")
         if value.layout != torch.strided or value.is_quantized or value.is_meta or value.is_complex():
             kind = "quantized" if value.is_quantized else "meta" if value.is_meta else (
                 "complex" if value.is_complex() else str(value.layout).replace("torch.", ""))
@@ -207,7 +211,8 @@ def _strip_prefix(state: dict[str, Any], path: Path) -> tuple[dict[str, Any], st
     The stem convolution sits at the top of every ResNet, so whatever precedes `conv1.weight` on
     the shortest such key is the prefix. Keys without it (a Lightning loss, metrics) are dropped.
     """
-    stems = sorted((k for k in state if k.endswith(STEM_KEY) and ".layer" not in k and not k.startswith("layer")),
+    stems = sorted((k for k in state
+                    if k.endswith(STEM_KEY) and ".layer" not in k and not k.startswith("layer")),
                    key=len)
     if not stems:
         raise ArchitectureError(f"{path}: no stem convolution '{STEM_KEY}': not a ResNet/ResNeXt checkpoint")
@@ -239,12 +244,14 @@ def infer_architecture(state: Mapping[str, Any]) -> ArchInfo:
     if stem_weight is None or getattr(stem_weight, "ndim", 0) != 4:
         raise ArchitectureError(f"no 4-D '{STEM_KEY}' tensor: not a ResNet/ResNeXt")
     if head is None or head.ndim != 2:
-        raise ArchitectureError("no 2-D classifier head ('fc.weight' or 'linear.weight'): not a ResNet/ResNeXt")
+        raise ArchitectureError("no 2-D classifier head ('fc.weight' or 'linear.weight'): "
+                                "not a ResNet/ResNeXt")
     num_classes = _num_classes(head)
     stem = "imagenet" if stem_weight.shape[-1] == 7 else "cifar"
     stage_blocks: list[int] = []
     for stage in range(1, 5):
-        indices = {int(m.group(1)) for k in state if (m := re.match(rf"layer{stage}\.(\d+)\.conv1\.weight$", k))}
+        pattern = re.compile(rf"layer{stage}\.(\d+)\.conv1\.weight$")
+        indices = {int(m.group(1)) for k in state if (m := pattern.match(k))}
         if not indices:
             break
         stage_blocks.append(max(indices) + 1)
@@ -256,7 +263,8 @@ def infer_architecture(state: Mapping[str, Any]) -> ArchInfo:
         grouped = state.get("layer1.0.conv2.weight")  # (width, width / groups, 3, 3)
         expand = state["layer1.0.conv3.weight"]
         if getattr(grouped, "ndim", 0) != 4 or getattr(expand, "ndim", 0) != 4:
-            raise ArchitectureError("no 4-D 'layer1.0.conv2.weight'/'layer1.0.conv3.weight': not a ResNet/ResNeXt")
+            raise ArchitectureError("no 4-D 'layer1.0.conv2.weight'/'layer1.0.conv3.weight': "
+                                    "not a ResNet/ResNeXt")
         width, per_group = int(grouped.shape[0]), int(grouped.shape[1])
         stage_planes = int(expand.shape[0]) // 4
         if min(width, per_group, stage_planes) < 1 or width % per_group:
@@ -302,7 +310,8 @@ def _nearest_spec(stem: str, block: str, layers: tuple[int, ...], groups: int, w
     return min(candidates, key=lambda s: sum(s.layers))
 
 
-def resolve_architecture(state: Mapping[str, Any], arch: str | None = None, shortcut: str | None = None) -> ArchInfo:
+def resolve_architecture(state: Mapping[str, Any], arch: str | None = None,
+                         shortcut: str | None = None) -> ArchInfo:
     """Inferred architecture, checked against `--arch`; a conflict shows both."""
     if arch in (None, "", "auto"):
         return infer_architecture(state)

@@ -479,6 +479,9 @@ def serve_command(
     backend: BackendOpt = BackendName.auto,
     device: DeviceOpt = DeviceName.cpu,
     workers: Annotated[int, typer.Option(min=1, help="Threads that decode and preprocess images.")] = 2,
+    max_connections: Annotated[int, typer.Option(min=1, help="Open connections; more get 503.")] = 512,
+    read_timeout_s: Annotated[float, typer.Option(min=0.1, help="Headers must arrive within this, and the "
+                                                  "body within 3x this; slower gets 408.")] = 10.0,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Serve MODEL over HTTP: /predict, /evaluate, Open Inference Protocol v2 (KServe/Triton), /metrics, a page."""
@@ -491,7 +494,8 @@ def serve_command(
     config = ServeConfig(name=wire_name, host=host, port=port, max_batch_size=max_batch_size,
                          max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_s=timeout_s,
                          max_body_mb=max_body_mb, max_pixels=max_pixels, api_key=api_key or None,
-                         decode_workers=workers)
+                         decode_workers=workers, max_connections=max_connections,
+                         header_timeout_s=read_timeout_s, body_timeout_s=3 * read_timeout_s)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         console(stderr=True).print(f"[yellow]warning:[/] serving on {host} without --api-key", highlight=False)
     console(stderr=True).print(f"serving {wire_name} ({runner.backend}) on http://{host}:{port}/  "
@@ -513,39 +517,52 @@ CalibMethod = _choices("CalibMethod", CALIB_METHODS)
 def export(
     model: ModelOpt = None,
     format: Annotated[ExportFormat, typer.Option("--format", "-f", help="Artifact to write.")] = "onnx",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Destination file, or an existing folder to "
-                                                  "write <stem>.<ext> in (for triton: the model repository). Default: "
-                                                  "beside the checkpoint (model.pt -> model.onnx, model.int8.onnx, "
-                                                  "model.ts).")] = None,
-    precision: Annotated[Precision, typer.Option(help="fp16/int8 live in the ONNX itself (also the TensorRT path).")]
-    = "fp32",
-    opset: Annotated[int, typer.Option(help="ONNX opset (18+ uses the dynamo exporter, older the legacy one).")] = 18,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Destination file, or an existing folder to write <stem>.<ext> in "
+        "(for triton: the model repository). Default: beside the checkpoint (model.pt -> model.onnx, "
+        "model.int8.onnx, model.ts).")] = None,
+    precision: Annotated[Precision, typer.Option(
+        help="fp16/int8 live in the ONNX itself (also the TensorRT path).")] = "fp32",
+    opset: Annotated[int | None, typer.Option(
+        help="ONNX opset (18+ uses the dynamo exporter, older the legacy one). "
+        "Default: 18; 19 for int8.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size of a --static export.")] = 1,
-    dynamic: Annotated[bool, typer.Option("--dynamic/--static", help="Dynamic batch axis, or fixed --batch-size.")]
-    = True,
-    calib_dataset: Annotated[Optional[DatasetName], typer.Option(help="Images for int8 calibration (train split "
-                                                                 "when there is one) and for verification.")] = None,
+    dynamic: Annotated[bool, typer.Option(
+        "--dynamic/--static", help="Dynamic batch axis, or fixed --batch-size.")] = True,
+    calib_dataset: Annotated[DatasetName | None, typer.Option(
+        help="Images for int8 calibration (train split when there is one) and for verification.")] = None,
     data_dir: DataDirOpt = None,
-    calib_size: Annotated[int, typer.Option(min=1, help="Calibration images (class-balanced, seeded).")] = 512,
+    calib_size: Annotated[int, typer.Option(
+        min=1, help="Calibration images (class-balanced, seeded).")] = 512,
     calib_method: Annotated[CalibMethod, typer.Option(help="int8 range estimation.")] = "minmax",
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check the artifact against eager PyTorch.")]
-    = True,
+    verify: Annotated[bool, typer.Option(
+        "--verify/--no-verify", help="Check the artifact against eager PyTorch.")] = True,
     verify_samples: Annotated[int, typer.Option(min=1, help="Images used by the parity check.")] = 512,
-    atol: Annotated[float, typer.Option(min=0, help="fp32: allowed |diff| on logits (plus rtol * |ref|).")] = 1e-4,
+    atol: Annotated[float, typer.Option(
+        min=0, help="fp32: allowed |diff| on logits (plus rtol * |ref|).")] = 1e-4,
     rtol: Annotated[float, typer.Option(min=0, help="fp32: relative part of the logits tolerance.")] = 1e-3,
-    min_agreement: Annotated[float, typer.Option(min=0, max=1, help="fp16/int8: least top-1 agreement.")] = 0.99,
-    max_accuracy_drop: Annotated[float, typer.Option(min=0, help="fp16/int8: most accuracy lost (0-1).")] = 0.01,
+    min_agreement: Annotated[float, typer.Option(
+        min=0, max=1, help="fp16/int8: least top-1 agreement.")] = 0.99,
+    max_accuracy_drop: Annotated[float, typer.Option(
+        min=0, help="fp16/int8: most accuracy lost (0-1).")] = 0.01,
     device: Annotated[str, typer.Option(help="cpu or cuda (TensorRT needs cuda).")] = "cpu",
-    max_batch: Annotated[Optional[int], typer.Option(min=1, help="TensorRT profile's largest batch and Triton's "
-                                                     "max_batch_size. Default: max(32, --batch-size).")] = None,
-    workspace_gb: Annotated[Optional[float], typer.Option(min=0.1, help="TensorRT builder memory pool (GiB).")] = None,
-    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache, read and updated.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Triton model name. Default: the checkpoint's stem.")] = None,
+    max_batch: Annotated[int | None, typer.Option(
+        min=1, help="TensorRT profile's largest batch and Triton's max_batch_size. "
+        "Default: max(32, --batch-size).")] = None,
+    workspace_gb: Annotated[float | None, typer.Option(
+        min=0.1, help="TensorRT builder memory pool (GiB).")] = None,
+    timing_cache: Annotated[Path | None, typer.Option(
+        help="TensorRT timing cache, read and updated.")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Triton model name. Default: the checkpoint's stem.")] = None,
     arch: ArchOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Export a checkpoint to TorchScript, ONNX (fp32/fp16/int8), TensorRT or a Triton repository, verified."""
+    """Export a checkpoint to TorchScript, ONNX (fp32/fp16/int8), TensorRT or a Triton repository, verified.
+
+    Options that belong to other formats (--name for onnx, say) are refused with the valid ones named.
+    """
     from export.pipeline import run_export
     from export.verify import Tolerances
 
@@ -556,10 +573,10 @@ def export(
         batch_size=batch_size, dynamic=dynamic, calib_dataset=calib_dataset.value if calib_dataset else None,
         data_dir=data_dir, calib_size=calib_size, calib_method=_value(calib_method), do_verify=verify,
         verify_samples=verify_samples,
-        tolerances=Tolerances(atol=atol, rtol=rtol, min_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop),
+        tolerances=Tolerances(atol=atol, rtol=rtol, min_agreement=min_agreement,
+                              max_accuracy_drop=max_accuracy_drop),
         device=device, arch=None if arch == "auto" else arch, allow_pickle=allow_pickle,
-        **{k: v for k, v in {"max_batch": max_batch, "workspace_gb": workspace_gb, "timing_cache": timing_cache,
-                             "name": name}.items() if v is not None},
+        **_given(max_batch=max_batch, workspace_gb=workspace_gb, timing_cache=timing_cache, name=name),
     )
     if as_json:
         print_json(result.to_dict())
@@ -581,6 +598,11 @@ def export(
 def _value(choice: Any) -> str:
     """An Enum choice's value (Typer passes members; a default given as its value stays a str)."""
     return str(getattr(choice, "value", choice))
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The format-specific flags the user set: the format refuses the ones it does not take."""
+    return {key: value for key, value in options.items() if value is not None}
 
 
 @app.command()

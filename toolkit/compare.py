@@ -140,9 +140,13 @@ class Comparison:
     def metrics(self) -> list[dict[str, Any]]:
         """[{"metric", "a", "b", "delta"}] with delta = B - A (None where either is missing)."""
         fa, fb = _figures(self.a.to_dict()), _figures(self.b.to_dict())
+
+        def delta(key: str) -> float | None:
+            a, b = fa[key], fb[key]
+            return None if a is None or b is None else b - a
+
         return [{"metric": key, "a": fa[key], "b": fb[key], "lower_is_better": key in LOWER_IS_BETTER,
-                 "delta": None if fa[key] is None or fb[key] is None else fb[key] - fa[key]}
-                for key in SIDE_BY_SIDE]
+                 "delta": delta(key)} for key in SIDE_BY_SIDE]
 
     def per_class(self) -> list[dict[str, Any]]:
         """Per-class precision/recall/F1 of both (B's rows matched to A's by class name) and B - A deltas."""

@@ -17,15 +17,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from .card import ModelCard
 from .errors import DataError, UsageError
 from .images import IMAGE_SUFFIXES, decode_image
-from .paths import read_bytes_bounded, require_dir
 from .names import DATASETS
+from .paths import read_bytes_bounded, require_dir
 from .preprocess import preprocess, to_uint8
 
 SAMPLE_DIR = Path(__file__).parent / "sample" / "digits-batches-py"
@@ -83,13 +83,13 @@ def _bytes(*args: Any) -> bytes:
 class _SafeUnpickler(pickle.Unpickler):
     """Rebuilds numpy arrays and builtins only; anything else is refused before it runs."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset({
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
         # protocol >= 5 pickles of arrays (str-keyed batches re-saved with Python 3) rebuild via this
         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    }
-    _WRAPPED = {
+    })
+    _WRAPPED: ClassVar[dict[tuple[str, str], Any]] = {
         ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
         # protocol-2 pickles written by Python 3 store an empty bytes value (an empty filename, a
@@ -133,7 +133,8 @@ def safe_unpickle(path: Path) -> dict[str, Any]:
         _prescan(data)
         obj = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
     except MemoryError:
-        raise DataError(f"{path}: not a valid CIFAR batch (it asks for more memory than its size allows)") from None
+        raise DataError(f"{path}: not a valid CIFAR batch (it asks for more memory than its size allows)"
+                        ) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
             OverflowError, RecursionError, UnicodeDecodeError, LookupError) as exc:
         raise DataError(f"{path}: not a valid CIFAR batch ({str(exc)[:200]})") from None
@@ -301,7 +302,8 @@ def _cifar_folder(root: Path, name: str) -> Path:
     )
 
 
-def load_cifar(root: str | Path, name: str = "cifar10", split: str = "test", download: bool = False) -> Dataset:
+def load_cifar(root: str | Path, name: str = "cifar10", split: str = "test",
+               download: bool = False) -> Dataset:
     """CIFAR-10/100 in the official python format (`cifar-10-batches-py`, `cifar-100-python`)."""
     if name not in CIFAR:
         raise UsageError(f"unknown CIFAR dataset {name!r}")

@@ -146,7 +146,7 @@ class ConfusionMatrix:
 
     @property
     def accuracy(self) -> float:
-        return float(_safe_divide(np.trace(self.matrix), self.num_samples))
+        return float(_safe_divide(np.trace(self.matrix), np.asarray(self.num_samples)))
 
     def topk_accuracy(self, k: int) -> float | None:
         """Share of samples whose label is among the top k scores; None when not tracked."""

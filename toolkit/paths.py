@@ -51,7 +51,8 @@ def require_dir(path: str | Path, *, error: type[ToolkitError] = DataError, what
     return path
 
 
-def require_file_or_dir(path: str | Path, *, error: type[ToolkitError] = DataError, what: str = "file") -> Path:
+def require_file_or_dir(path: str | Path, *, error: type[ToolkitError] = DataError,
+                        what: str = "file") -> Path:
     """`path` if it is a regular file or a directory (a model file or a Triton model folder)."""
     path = Path(path)
     mode = _stat(path, error, what).st_mode

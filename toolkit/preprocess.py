@@ -52,11 +52,12 @@ def to_uint8(image: Image.Image, card: ModelCard) -> np.ndarray:
         w, h = image.size
         scale = card.resize_size / min(w, h)
         new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
-        left, top = int(round((new_w - width) / 2.0)), int(round((new_h - height) / 2.0))
+        left, top = round((new_w - width) / 2.0), round((new_h - height) / 2.0)
         if new_w * new_h > MAX_RESIZE_PIXELS:
             sx, sy = w / new_w, h / new_h  # source pixels per resized pixel, as Pillow computes them
             box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
-            return np.asarray(image.resize((width, height), _resample(card.interpolation), box=box), dtype=np.uint8)
+            cropped = image.resize((width, height), _resample(card.interpolation), box=box)
+            return np.asarray(cropped, dtype=np.uint8)
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), _resample(card.interpolation))
         image = image.crop((left, top, left + width, top + height))

@@ -285,13 +285,15 @@ def _literal_text(plt: Any) -> Any:
 
 def save_figure(fig: Any, path: Path) -> Path:
     """Write a PNG atomically and release the figure (pyplot keeps every open one alive)."""
+    import matplotlib.pyplot as plt
+
     from .fileio import atomic_path
 
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
-        _matplotlib().close(fig)
+        plt.close(fig)
     return path
 
 
@@ -553,12 +555,13 @@ def write_eval_outputs(report: EvalReport, output_dir: str | Path,
                                         "true_class_probability"], errors), encoding="utf-8")
         path("confusion_matrix_csv").write_text(_csv(["true \\ predicted", *names], (
             [name, *row] for name, row in zip(names, report.metrics.matrix.tolist()))), encoding="utf-8")
-        images: dict[str, Path] = {}
+        plots: dict[str, Path | None] = {}
         if _matplotlib() is not None:
-            images["reliability diagram"] = plot_reliability(data["calibration"], path("reliability_png"))
-            images["confusion matrix"] = plot_confusion_matrix(report.metrics.matrix, names,
-                                                               path("confusion_matrix_png"))
-            images["per-class F1"] = plot_per_class_f1(data["per_class"], path("per_class_f1_png"))
+            plots["reliability diagram"] = plot_reliability(data["calibration"], path("reliability_png"))
+            plots["confusion matrix"] = plot_confusion_matrix(report.metrics.matrix, names,
+                                                              path("confusion_matrix_png"))
+            plots["per-class F1"] = plot_per_class_f1(data["per_class"], path("per_class_f1_png"))
+        images = {title: png for title, png in plots.items() if png is not None}
         shown = errors[:gallery_limit]
         gallery = gallery_html(report.data, [
             (index, name, [(f"true {label}", "right"), (f"predicted {pred}", "wrong"),

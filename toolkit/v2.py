@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +101,7 @@ class RequestedOutput:
     name: str
     binary: bool | None = None  # None: the request-level default
     classification: int = 0  # 0: raw tensor; k > 0: top-k "value:index:label" strings
+    parameters: dict[str, Any] = field(default_factory=dict)  # as sent (e.g. shared_memory_region)
 
 
 @dataclass
@@ -226,8 +227,15 @@ def _parameters(raw: Mapping[str, Any], what: str) -> dict[str, Any]:
     return params
 
 
-def decode_request(body: bytes, header_length: str | int | None = None) -> InferRequest:
-    """Parse an inference request (JSON or binary extension); every violation names what was expected."""
+# (parameters, datatype, shape, input name) -> the tensor held in a registered shared memory region
+SharedMemoryReader = Callable[[Mapping[str, Any], str, list[int], str], np.ndarray]
+
+
+def decode_request(body: bytes, header_length: str | int | None = None,
+                   shared_memory: SharedMemoryReader | None = None) -> InferRequest:
+    """Parse an inference request (JSON or binary extension); every violation names what was expected.
+
+    Inputs naming a `shared_memory_region` are read through `shared_memory` (the server's registry)."""
     header, tail = split_body(body, header_length)
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
@@ -244,7 +252,11 @@ def decode_request(body: bytes, header_length: str | int | None = None) -> Infer
         shape = _parse_shape(raw.get("shape"), name)
         params = _parameters(raw, f"input {name!r}")
         size = params.get("binary_data_size")
-        if size is not None:
+        if "shared_memory_region" in params:
+            if shared_memory is None:
+                raise ProtocolError(f"input {name!r}: shared memory inputs are not read here")
+            data = shared_memory(params, datatype, shape, name)
+        elif size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
                 raise ProtocolError(f"input {name!r}: binary_data_size {_short(size)} does not fit the "
                                     f"{len(tail)} bytes after the JSON header")
@@ -268,7 +280,7 @@ def decode_request(body: bytes, header_length: str | int | None = None) -> Infer
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise ProtocolError(f"output {raw['name']!r}: 'classification' must be a non-negative integer")
         binary = params.get("binary_data")
-        outputs.append(RequestedOutput(raw["name"], None if binary is None else bool(binary), count))
+        outputs.append(RequestedOutput(raw["name"], None if binary is None else bool(binary), count, params))
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, (str, int)):
         raise ProtocolError(f"'id' must be a string, got {_short(request_id)}")
@@ -282,6 +294,10 @@ def _encode_tensors(tensors: Sequence[tuple[Tensor, bool]]) -> tuple[list[dict[s
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype,
                                  "shape": [int(d) for d in tensor.data.shape]}
         params = dict(tensor.parameters)
+        if "shared_memory_region" in params:  # already written into the client's region: no data here
+            entry["parameters"] = params
+            described.append(entry)
+            continue
         if binary:
             if tensor.datatype == "BYTES":
                 raw = serialize_bytes_tensor(tensor.data)

@@ -14,7 +14,13 @@ import numpy as np
 
 from .card import ModelCard, generic_class_names, load_sidecar, read_class_names, resolve_card
 from .checkpoint import (
-    ArchInfo, LoadedCheckpoint, distinct_values, fit_report, load_checkpoint, load_strict, resolve_architecture,
+    ArchInfo,
+    LoadedCheckpoint,
+    distinct_values,
+    fit_report,
+    load_checkpoint,
+    load_strict,
+    resolve_architecture,
 )
 from .errors import ArchitectureError, CheckpointError, DataError
 
@@ -89,11 +95,14 @@ def validate_checkpoint(
     except (CheckpointError, ArchitectureError, DataError) as exc:
         report.add("error", "unreadable", str(exc))
         return report
-    report.sha256, report.wrapper, report.prefix, report.layout = ckpt.sha256, ckpt.wrapper, ckpt.prefix, ckpt.layout
+    report.sha256, report.wrapper = ckpt.sha256, ckpt.wrapper
+    report.prefix, report.layout = ckpt.prefix, ckpt.layout
     if ckpt.dropped_keys:
-        report.add("warning", "dropped_keys", f"keys outside the network were ignored: {_listed(ckpt.dropped_keys)}")
+        report.add("warning", "dropped_keys",
+                   f"keys outside the network were ignored: {_listed(ckpt.dropped_keys)}")
     if ckpt.pickled_module:
-        report.add("warning", "pickled_module", "weights came from a whole pickled nn.Module (loaded with --allow-pickle)")
+        report.add("warning", "pickled_module",
+                   "weights came from a whole pickled nn.Module (loaded with --allow-pickle)")
     try:
         info = resolve_architecture(ckpt.state_dict, arch)
     except ArchitectureError as exc:
@@ -105,7 +114,8 @@ def validate_checkpoint(
 
     if class_names is not None and len(class_names) != info.num_classes:
         report.add("error", "head_mismatch",
-                   f"the head has {info.num_classes} outputs but --classes {classes} lists {len(class_names)} classes")
+                   f"the head has {info.num_classes} outputs but --classes {classes} lists "
+                   f"{len(class_names)} classes")
         class_names = None
     try:
         card = ckpt.card or load_sidecar(ckpt.path)
@@ -141,7 +151,8 @@ def _check_tensors(ckpt: LoadedCheckpoint, report: ValidationReport) -> None:
     state = {k: distinct_values(v) for k, v in ckpt.state_dict.items()}
     non_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if non_finite:
-        report.add("error", "non_finite", f"NaN/Inf values in {len(non_finite)} tensors: {_listed(non_finite)}")
+        report.add("error", "non_finite",
+                   f"NaN/Inf values in {len(non_finite)} tensors: {_listed(non_finite)}")
     bn_layers = sorted(k[: -len(".running_var")] for k in state if k.endswith(".running_var"))
     bad_var = [layer for layer in bn_layers if bool((state[f"{layer}.running_var"] <= 0).any())]
     if bad_var:
@@ -149,14 +160,16 @@ def _check_tensors(ckpt: LoadedCheckpoint, report: ValidationReport) -> None:
     untouched = [
         layer for layer in bn_layers
         if f"{layer}.running_mean" in state
-        and bool((state[f"{layer}.running_mean"] == 0).all()) and bool((state[f"{layer}.running_var"] == 1).all())
+        and bool((state[f"{layer}.running_mean"] == 0).all())
+        and bool((state[f"{layer}.running_var"] == 1).all())
     ]
     if bn_layers and len(untouched) == len(bn_layers):
         report.add("error", "bn_untrained",
                    "every BatchNorm has running mean 0 and variance 1: these weights were never trained "
                    "or lost their buffers")
     elif untouched:
-        report.add("warning", "bn_default_stats", f"BatchNorm running stats never updated in {_listed(untouched)}")
+        report.add("warning", "bn_default_stats",
+                   f"BatchNorm running stats never updated in {_listed(untouched)}")
     claimed = ckpt.state_dict
     dead = [k for k, v in state.items()
             if k.endswith(".weight") and claimed[k].ndim in (2, 4) and v.numel() and not bool(v.any())]
@@ -166,7 +179,8 @@ def _check_tensors(ckpt: LoadedCheckpoint, report: ValidationReport) -> None:
                if k.endswith(".weight") and claimed[k].ndim == 1 and f"{k[:-7]}.running_var" in state
                and v.numel() and not bool(v.any())]
     if dead_bn:
-        report.add("warning", "zero_bn_gamma", f"BatchNorm scale is all zero (block switched off) in {_listed(dead_bn)}")
+        report.add("warning", "zero_bn_gamma",
+                   f"BatchNorm scale is all zero (block switched off) in {_listed(dead_bn)}")
 
 
 def _strict_load(ckpt: LoadedCheckpoint, info: ArchInfo, report: ValidationReport) -> Any:
@@ -197,7 +211,8 @@ def _check_forward(model: Any, card: ModelCard, report: ValidationReport) -> Non
     if not bool(torch.isfinite(out).all()):
         report.add("error", "forward_non_finite", "a forward pass on random inputs gives NaN/Inf logits")
     elif float((out - out[:1]).abs().max()) < 1e-6:
-        report.add("error", "constant_output", "different inputs give identical logits: the network ignores its input")
+        report.add("error", "constant_output",
+                   "different inputs give identical logits: the network ignores its input")
 
 
 def _check_accuracy(model: Any, report: ValidationReport, dataset: str, data_dir: str | Path | None,

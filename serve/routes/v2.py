@@ -1,18 +1,21 @@
-"""The Open Inference Protocol (KServe v2) as Triton's HTTP endpoint speaks it.
+"""The Open Inference Protocol (KServe v2) as Triton's HTTP endpoint speaks it, extensions included:
+statistics, repository, logging, trace settings, system/CUDA shared memory.
 
 Route bodies only move bytes: parsing, validation and encoding are `serve.protocol` functions
-(free of HTTP, so the gRPC front end can call the same ones).
+(free of HTTP, so the gRPC front end calls the same ones). Fixed paths are declared before the
+`{name}` patterns that would swallow them (`/v2/models/stats`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from toolkit.v2 import HEADER_LENGTH
+from toolkit.v2 import HEADER_LENGTH, ProtocolError
 
 from .. import protocol
 from ..metrics import RequestTiming
@@ -23,6 +26,21 @@ router = APIRouter()
 POOL_ABOVE = 65536  # JSON bodies larger than this (big JSON tensors) are parsed off the event loop
 
 
+async def _json_body(request: Request) -> Any:
+    body = await request.body()
+    if not body.strip():
+        return {}
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise ProtocolError("request body is not valid JSON") from None
+
+
+def _statistics(state: ServerState) -> dict[str, Any]:
+    config = state.config
+    return state.stats.v2_statistics(config.name, config.version, protocol.memory_usage(state.runner.source))
+
+
 @router.get("/v2")
 async def server_metadata() -> dict[str, Any]:
     return protocol.server_metadata()
@@ -30,7 +48,7 @@ async def server_metadata() -> dict[str, Any]:
 
 @router.get("/v2/models/stats")
 async def all_stats(state: State) -> dict[str, Any]:
-    return state.stats.v2_statistics(state.config.name, state.config.version)
+    return _statistics(state)
 
 
 @router.get("/v2/models/{name}")
@@ -58,8 +76,10 @@ async def model_config(state: State, name: str, version: str | None = None) -> d
 @router.get("/v2/models/{name}/versions/{version}/stats")
 async def model_stats(state: State, name: str, version: str | None = None) -> dict[str, Any]:
     state.check_model(name, version)
-    return state.stats.v2_statistics(state.config.name, state.config.version)
+    return _statistics(state)
 
+
+# --- repository --------------------------------------------------------------------------------------
 
 @router.post("/v2/repository/index")
 async def repository_index(state: State) -> list[dict[str, str]]:
@@ -67,18 +87,115 @@ async def repository_index(state: State) -> list[dict[str, str]]:
     return [{"name": state.config.name, "version": state.config.version, "state": status, "reason": ""}]
 
 
+@router.post("/v2/repository/models/{name}/load")
+async def load(name: str) -> None:
+    protocol.repository_control("load", name)
+
+
+@router.post("/v2/repository/models/{name}/unload")
+async def unload(name: str) -> None:
+    protocol.repository_control("unload", name)
+
+
+# --- logging and trace settings ----------------------------------------------------------------------
+
+@router.get("/v2/logging")
+async def get_logging(state: State) -> dict[str, Any]:
+    return dict(state.extensions.log)
+
+
+@router.post("/v2/logging")
+async def set_logging(request: Request, state: State) -> dict[str, Any]:
+    return state.extensions.update_log(await _json_body(request))
+
+
+@router.get("/v2/trace/setting")
+async def get_trace(state: State) -> dict[str, Any]:
+    return state.extensions.trace_settings()
+
+
+@router.post("/v2/trace/setting")
+async def set_trace(request: Request, state: State) -> dict[str, Any]:
+    return state.extensions.update_trace(await _json_body(request))
+
+
+@router.get("/v2/models/{name}/trace/setting")
+async def get_model_trace(state: State, name: str) -> dict[str, Any]:
+    state.check_model(name)
+    return state.extensions.trace_settings(name)
+
+
+@router.post("/v2/models/{name}/trace/setting")
+async def set_model_trace(request: Request, state: State, name: str) -> dict[str, Any]:
+    state.check_model(name)
+    return state.extensions.update_trace(await _json_body(request), name)
+
+
+# --- shared memory -----------------------------------------------------------------------------------
+
+@router.get("/v2/systemsharedmemory/status")
+async def shm_status(state: State) -> list[dict[str, Any]]:
+    return state.extensions.shm.status()
+
+
+@router.get("/v2/systemsharedmemory/region/{region}/status")
+async def shm_region_status(state: State, region: str) -> list[dict[str, Any]]:
+    return state.extensions.shm.status(region)
+
+
+@router.post("/v2/systemsharedmemory/region/{region}/register")
+async def shm_register(request: Request, state: State, region: str) -> dict[str, Any]:
+    state.extensions.register_system(region, await _json_body(request))
+    return {}
+
+
+@router.post("/v2/systemsharedmemory/region/{region}/unregister")
+async def shm_unregister(state: State, region: str) -> dict[str, Any]:
+    state.extensions.shm.unregister(region)
+    return {}
+
+
+@router.post("/v2/systemsharedmemory/unregister")
+async def shm_unregister_all(state: State) -> dict[str, Any]:
+    state.extensions.shm.unregister()
+    return {}
+
+
+@router.get("/v2/cudasharedmemory/status")
+async def cuda_status() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/v2/cudasharedmemory/region/{region}/status")
+async def cuda_region_status(region: str) -> list[dict[str, Any]]:
+    raise ProtocolError(f"Unable to find cuda shared memory region: '{region}'")
+
+
+@router.post("/v2/cudasharedmemory/region/{region}/register")
+async def cuda_register(region: str) -> None:
+    protocol.cuda_shared_memory_unsupported()
+
+
+@router.post("/v2/cudasharedmemory/region/{region}/unregister")
+@router.post("/v2/cudasharedmemory/unregister")
+async def cuda_unregister(region: str | None = None) -> dict[str, Any]:
+    return {}  # nothing can be registered, so there is nothing to unregister
+
+
+# --- inference ---------------------------------------------------------------------------------------
+
 @router.post("/v2/models/{name}/infer")
 @router.post("/v2/models/{name}/versions/{version}/infer")
 async def infer(request: Request, state: State, name: str, version: str | None = None) -> Response:
     state.check_model(name, version)
     batcher = state.require_ready()
-    config, card = state.config, state.runner.card
+    config, card, extensions = state.config, state.runner.card, state.extensions
 
     async def work(timing: RequestTiming) -> Response:
         began = time.perf_counter()
         body = await request.body()
-        args = (body, request.headers.get(HEADER_LENGTH), request.headers.get("content-encoding"), card,
-                config.max_body_bytes)
+        headers = request.headers
+        args = (body, headers.get(HEADER_LENGTH), headers.get("content-encoding"), config, card, extensions)
         if len(body) > POOL_ABOVE and args[1] is None:
             parsed, batch = await state.in_pool(protocol.parse_infer, *args)
         else:
@@ -86,7 +203,7 @@ async def infer(request: Request, state: State, name: str, version: str | None =
         timing.input_s = time.perf_counter() - began
         logits = await batcher.infer(batch, timing)
         began = time.perf_counter()
-        payload, length = protocol.infer_response(parsed, logits, config, card)
+        payload, length = protocol.infer_response(parsed, logits, config, card, extensions)
         timing.output_s = time.perf_counter() - began
         if length is None:
             return Response(payload, media_type="application/json")

@@ -80,7 +80,7 @@ def cluster(address: str | None = None) -> Iterator[Any]:
         yield ray
         return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # never let Ray re-launch workers via uv
-    options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
     if address is None:
         options["include_dashboard"] = False
     try:
@@ -100,8 +100,7 @@ def _quiet_ray_data(ray: Any) -> None:
     context.enable_progress_bars = False
     with contextlib.suppress(AttributeError):
         context.enable_operator_progress_bars = False
-    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def default_replicas(ray: Any, device: str) -> int:

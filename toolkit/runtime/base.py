@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class Runner(ABC):
-    """Callable model with a card (what the model is), facts (what the file is) and a context-manager lifetime.
+    """Callable model with a card (what the model is), facts (what the file is), a context-manager lifetime.
 
     Backends are built by `open`, which `open_model` calls with the options the user gave; an option
     a backend does not declare as a keyword of its `open` is refused there, by name.
@@ -55,7 +55,7 @@ class Runner(ABC):
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = self._check(batch)
         chunk = self.max_batch_size
-        if chunk is None or len(batch) <= chunk and (self.fixed_batch_size is None or len(batch) == chunk):
+        if chunk is None or (len(batch) <= chunk and (self.fixed_batch_size is None or len(batch) == chunk)):
             return self._checked_output(self._infer(batch), len(batch))
         outputs = []
         for start in range(0, len(batch), chunk):
@@ -81,7 +81,8 @@ class Runner(ABC):
     def _checked_output(self, logits: np.ndarray, n: int) -> np.ndarray:
         logits = np.asarray(logits)
         if logits.shape != (n, self.card.num_classes):
-            raise InputError(f"{self.backend} returned shape {logits.shape}, expected ({n}, {self.card.num_classes}): "
+            raise InputError(f"{self.backend} returned shape {logits.shape}, "
+                             f"expected ({n}, {self.card.num_classes}): "
                              "the artifact and its card disagree")
         return logits.astype(np.float32, copy=False)
 
@@ -89,7 +90,7 @@ class Runner(ABC):
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         """Run the backend on a validated, contiguous float32 batch."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most runners hold nothing to release
         """Release sessions, engines, connections. Idempotent."""
 
     def describe(self) -> dict[str, Any]:
@@ -97,7 +98,7 @@ class Runner(ABC):
                 "precision": self.precision, "fixed_batch_size": self.fixed_batch_size,
                 "max_batch_size": self.max_batch_size}
 
-    def __enter__(self) -> Runner:
+    def __enter__(self) -> Runner:  # noqa: PYI034 - typing.Self needs 3.11; the project supports 3.10
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

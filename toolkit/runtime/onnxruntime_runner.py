@@ -90,8 +90,9 @@ class OnnxRuntimeRunner(Runner):
             with contextlib.suppress(Exception):
                 ort.preload_dlls()
         try:
-            session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
-        except Exception as exc:  # ORT raises InvalidProtobuf, Fail, InvalidGraph, NotImplemented...
+            session = ort.InferenceSession(str(path), sess_options=session_options(threads),
+                                           providers=providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises InvalidProtobuf, Fail, InvalidGraph, NotImplemented...
             raise ModelFormatError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})") from None
         if device.startswith("cuda") and "CUDAExecutionProvider" not in session.get_providers():
             raise BackendUnavailableError(

@@ -8,6 +8,7 @@ within fp32 tolerance on CPUs whose default would be bf16. Never imports torch.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,9 @@ class OpenVINORunner(Runner):
 
     backend = "openvino"
 
-    def __init__(self, core: Any, model: Any, card: ModelCard, *, source: str, facts: ArtifactFacts | None = None,
-                 hint: str = "auto", inference_precision: str = "f32") -> None:
+    def __init__(self, core: Any, model: Any, card: ModelCard, *, source: str,
+                 facts: ArtifactFacts | None = None, hint: str = "auto",
+                 inference_precision: str = "f32") -> None:
         batch_dim = model.inputs[0].get_partial_shape()[0]
         fixed = batch_dim.get_length() if batch_dim.is_static else None
         super().__init__(card, source=source, device="cpu", fixed_batch_size=fixed, facts=facts)
@@ -56,11 +58,12 @@ class OpenVINORunner(Runner):
     @classmethod
     def open(cls, path: str | Path, *, device: str = "cpu", hint: str = "auto",
              inference_precision: str = "f32") -> OpenVINORunner:
-        """`hint`: auto | throughput | latency; `inference_precision`: OpenVINO's f32 (default) or bf16/f16."""
+        """`hint`: auto | throughput | latency; `inference_precision`: OpenVINO's f32 (default), bf16, f16."""
         ov = _import_openvino()
         if device != "cpu":
             raise BackendUnavailableError(
-                f"the OpenVINO backend runs on cpu here, not {device}; use --backend onnxruntime or tensorrt for GPUs"
+                f"the OpenVINO backend runs on cpu here, not {device}; "
+                "use --backend onnxruntime or tensorrt for GPUs"
             )
         if hint not in HINTS:
             raise UsageError(f"unknown OpenVINO hint {hint!r}; choose one of {', '.join(HINTS)}")
@@ -83,7 +86,8 @@ class OpenVINORunner(Runner):
                 self._compiled[hint] = self._core.compile_model(
                     self._model, "CPU", {**self._config, "PERFORMANCE_HINT": hint})
             except Exception as exc:  # noqa: BLE001
-                raise ModelFormatError(f"{self.source}: OpenVINO cannot compile it ({first_line(exc)})") from None
+                raise ModelFormatError(f"{self.source}: OpenVINO cannot compile it "
+                                       f"({first_line(exc)})") from None
         return self._compiled[hint]
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
@@ -100,7 +104,7 @@ class OpenVINORunner(Runner):
             self._queue = [compiled.create_infer_request() for _ in range(splits)]
         out = np.empty((len(batch), self.card.num_classes), dtype=np.float32)
         bounds = np.linspace(0, len(batch), splits + 1).astype(int)
-        spans = list(zip(bounds[:-1], bounds[1:]))
+        spans = list(itertools.pairwise(bounds))
         for request, (start, stop) in zip(self._queue, spans):
             request.start_async({0: batch[start:stop]})
         for request, (start, stop) in zip(self._queue, spans):

@@ -55,7 +55,8 @@ BACKENDS: dict[str, Backend] = {
 }
 
 FORMATS: dict[str, ArtifactFormat] = {
-    "checkpoint": ArtifactFormat("checkpoint", (".pt", ".pth", ".ckpt", ".safetensors", ".th", ".bin", ".tar")),
+    "checkpoint": ArtifactFormat("checkpoint",
+                                 (".pt", ".pth", ".ckpt", ".safetensors", ".th", ".bin", ".tar")),
     "torchscript": ArtifactFormat("torchscript", (".ts", ".torchscript", ".pt"), "pytorch_libtorch"),
     "onnx": ArtifactFormat("onnx", (".onnx",), "onnxruntime_onnx"),
     "tensorrt": ArtifactFormat("tensorrt", (".engine", ".plan"), "tensorrt_plan"),
@@ -112,7 +113,8 @@ def triton_model_file(directory: Path) -> Path:
         if len(models) != 1:
             raise ModelFormatError(f"{directory}: not a Triton model directory (no config.pbtxt)")
         directory = models[0]
-    versions = sorted((d for d in directory.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
+    versions = sorted((d for d in directory.iterdir() if d.is_dir() and d.name.isdigit()),
+                      key=lambda d: int(d.name))
     for version in reversed(versions):
         for name in ("model.onnx", "model.plan"):
             if (version / name).is_file():
@@ -122,12 +124,12 @@ def triton_model_file(directory: Path) -> Path:
 
 def _unknown(path: Path, suffix: str) -> ModelFormatError:
     named = "; ".join(f"{f.name} ({' '.join(f.suffixes)})" for f in FORMATS.values() if f.suffixes)
-    return ModelFormatError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected {named}, a Triton "
-                            "model directory or an http:// v2 URL")
+    return ModelFormatError(f"{path}: unknown model type {suffix or '(no suffix)'}; expected {named}, "
+                            "a Triton model directory or an http:// v2 URL")
 
 
 def detect_format(model: str | Path) -> str:
-    """A format name of `FORMATS`: from the URL scheme, the folder, the suffix, and for torch files the content."""
+    """A name of `FORMATS`, from the URL scheme, the folder, the suffix, and for torch files the content."""
     text = str(model)
     if text.startswith(("http://", "https://")):
         return "remote"
@@ -148,8 +150,8 @@ def detect_format(model: str | Path) -> str:
     if sniffed is not None:
         return sniffed
     if suffix in CONTENT_CHECKED_SUFFIXES:
-        raise ModelFormatError(f"{path}: a {suffix} file that is not a PyTorch checkpoint (neither a torch.save "
-                               "zip, a pickle, nor safetensors)")
+        raise ModelFormatError(f"{path}: a {suffix} file that is not a PyTorch checkpoint (neither a "
+                               "torch.save zip, a pickle, nor safetensors)")
     if named:  # a damaged .pt/.pth/.ts: let its loader say what is wrong
         return "torchscript" if suffix in (".ts", ".torchscript") else "checkpoint"
     raise _unknown(path, suffix)

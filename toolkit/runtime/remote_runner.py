@@ -20,9 +20,24 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 
 from ..card import ModelCard, generic_class_names, preset
-from ..errors import BackendUnavailableError, DataError, InputError, ModelFormatError, ToolkitError, UsageError
-from ..v2 import CARD_PARAMETER, HEADER_LENGTH, ProtocolError, RequestedOutput, Tensor, decode_response, encode_request
-from ..v2 import parse_classification
+from ..errors import (
+    BackendUnavailableError,
+    DataError,
+    InputError,
+    ModelFormatError,
+    ToolkitError,
+    UsageError,
+)
+from ..v2 import (
+    CARD_PARAMETER,
+    HEADER_LENGTH,
+    ProtocolError,
+    RequestedOutput,
+    Tensor,
+    decode_response,
+    encode_request,
+    parse_classification,
+)
 from .base import Runner
 
 
@@ -31,7 +46,8 @@ class RemoteError(ToolkitError):
 
 
 def parse_url(url: str) -> tuple[str, str, int, str, str, str]:
-    """`http://host:port/<model>` or `.../v2/models/<model>[/versions/<v>]` -> (scheme, host, port, prefix, model, version)."""
+    """`http://host:port/<model>` or `.../v2/models/<model>[/versions/<v>]`
+    -> (scheme, host, port, prefix, model, version)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"{url}: expected http://host:port/<model> or http://host:port/v2/models/<model>")
@@ -55,8 +71,9 @@ class RemoteRunner(Runner):
 
     backend = "remote"
 
-    def __init__(self, url: str, card: ModelCard, *, input_name: str, output_name: str, headers: dict[str, str],
-                 timeout: float, max_batch_size: int | None, device: str = "remote") -> None:
+    def __init__(self, url: str, card: ModelCard, *, input_name: str, output_name: str,
+                 headers: dict[str, str], timeout: float, max_batch_size: int | None,
+                 device: str = "remote") -> None:
         super().__init__(card, source=url, device=device, max_batch_size=max_batch_size)
         self.url = url
         self.scheme, self.host, self.port, prefix, self.model, self.version = parse_url(url)
@@ -76,8 +93,8 @@ class RemoteRunner(Runner):
         $TOOLKIT_API_KEY; `card` replaces the one the server describes."""
         key = api_key or os.environ.get("TOOLKIT_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        probe = cls(url, card or _placeholder_card(), input_name="input", output_name="logits", headers=headers,
-                    timeout=timeout, max_batch_size=None, device=device)
+        probe = cls(url, card or _placeholder_card(), input_name="input", output_name="logits",
+                    headers=headers, timeout=timeout, max_batch_size=None, device=device)
         metadata = probe._get_json(probe._model_path)
         try:
             config = probe._get_json(probe._model_path + "/config")
@@ -104,20 +121,25 @@ class RemoteRunner(Runner):
         out_shape = [int(d) for d in out.get("shape", [])]
         num_classes = out_shape[-1] if out_shape and out_shape[-1] > 0 else None
         if num_classes is None:
-            raise ModelFormatError(f"{self.url}: output shape {out_shape} does not give the number of classes")
+            raise ModelFormatError(f"{self.url}: output shape {out_shape} does not give the number of "
+                                   "classes")
         name = "imagenet" if chw[1] >= 64 else ("cifar100" if num_classes == 100 else "cifar10")
         values = preset(name)
-        labels = self._labels(chw, num_classes) or (
-            values["class_names"] if len(values["class_names"]) == num_classes else generic_class_names(num_classes))
+        fallback = values["class_names"]
+        if len(fallback) != num_classes:
+            fallback = generic_class_names(num_classes)
+        labels = self._labels(chw, num_classes) or fallback
         resize = values["resize_size"] if name == "imagenet" else chw[1]
-        return ModelCard(arch=f"remote:{self.model}", class_names=labels, input_size=tuple(chw), mean=values["mean"],
-                         std=values["std"], resize_size=max(resize, chw[1], chw[2]),
-                         interpolation=values["interpolation"], extra={"card_source": f"preset {name} (server sent no card)"})
+        return ModelCard(arch=f"remote:{self.model}", class_names=labels, input_size=(chw[0], chw[1], chw[2]),
+                         mean=values["mean"], std=values["std"], resize_size=max(resize, chw[1], chw[2]),
+                         interpolation=values["interpolation"],
+                         extra={"card_source": f"preset {name} (server sent no card)"})
 
     def _labels(self, chw: list[int], num_classes: int) -> tuple[str, ...] | None:
         """Class labels by index through the classification extension (Triton's label_filename)."""
         try:
-            out = self._post_infer(np.zeros((1, *chw), np.float32), RequestedOutput(self.output_name, True, num_classes))
+            out = self._post_infer(np.zeros((1, *chw), np.float32),
+                                   RequestedOutput(self.output_name, True, num_classes))
         except ToolkitError:
             return None
         labels: dict[int, str] = {}
@@ -167,11 +189,13 @@ class RemoteRunner(Runner):
     def _get_json(self, path: str) -> dict[str, Any]:
         status, _, payload = self._request("GET", path)
         if status == 404:
-            raise ModelFormatError(f"{self.url}: the server has no model {self.model!r} ({self._error_text(status, payload)})")
+            raise ModelFormatError(f"{self.url}: the server has no model {self.model!r} "
+                                   f"({self._error_text(status, payload)})")
         if status == 401:
             raise UsageError(f"{self.url}: the server wants an API key (set TOOLKIT_API_KEY)")
         if status != 200:
-            raise RemoteError(f"{self.url}: GET {path} answered {status}: {self._error_text(status, payload)}")
+            raise RemoteError(f"{self.url}: GET {path} answered {status}: "
+                              f"{self._error_text(status, payload)}")
         try:
             return json.loads(payload)
         except ValueError:
@@ -202,7 +226,8 @@ class RemoteRunner(Runner):
         return np.asarray(self._post_infer(batch, RequestedOutput(self.output_name, True)), dtype=np.float32)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "model": self.model, "input": self.input_name, "output": self.output_name}
+        return {**super().describe(), "model": self.model, "input": self.input_name,
+                "output": self.output_name}
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

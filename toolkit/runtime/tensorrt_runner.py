@@ -49,7 +49,7 @@ class TensorRTEnvironment:
         return int(self.version.split(".")[0])
 
     def facts(self) -> dict[str, Any]:
-        """The facts an engine depends on (ArtifactFacts fields); stored in its facts sidecar, checked on load."""
+        """The facts an engine depends on (ArtifactFacts fields): written in its facts, checked on load."""
         return {"tensorrt_version": self.version, "gpu": self.gpu_name,
                 "compute_capability": self.compute_capability}
 
@@ -89,8 +89,10 @@ def tensorrt_environment(device: str = "cuda", purpose: str = "TensorRT") -> Ten
     missing: list[str] = []
     trt: Any = None
     try:
-        import tensorrt as trt
-    except Exception as exc:  # stub wheels and missing libnvinfer raise more than ImportError
+        import tensorrt
+
+        trt = tensorrt
+    except Exception as exc:  # noqa: BLE001 - stub wheels and missing libnvinfer raise more than ImportError
         loaded = "" if isinstance(exc, ImportError) else f" (it failed to load: {exc})"
         missing.append("the tensorrt package" + loaded)
     cudart = import_cudart()
@@ -119,6 +121,7 @@ def tensorrt_environment(device: str = "cuda", purpose: str = "TensorRT") -> Ten
             f"{purpose} needs TensorRT >= {MIN_TENSORRT_MAJOR} (found {version}): "
             "pip install -U 'resnet-toolkit[tensorrt]'"
         )
+    assert cudart is not None  # else `missing` said so above
     cuda_call(cudart, cudart.cudaSetDevice(index), "cudaSetDevice")
     return TensorRTEnvironment(trt, cudart, version, index, gpu_name, capability)
 
@@ -153,7 +156,7 @@ class _Pinned:
         self._cudart = cudart
         self.ptr = int(cuda_call(cudart, cudart.cudaMallocHost(nbytes), "cudaMallocHost"))
         raw = (ctypes.c_ubyte * nbytes).from_address(self.ptr)
-        self.array = np.frombuffer(raw, dtype=np.uint8).view(dtype)
+        self.array = np.frombuffer(memoryview(raw), dtype=np.uint8).view(dtype)
 
     def free(self) -> None:
         if self.ptr:

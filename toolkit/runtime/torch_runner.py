@@ -18,7 +18,8 @@ def torch_device(device: str) -> Any:
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendUnavailableError("--device cuda needs a CUDA GPU and driver; none is visible here (use --device cpu)")
+        raise BackendUnavailableError("--device cuda needs a CUDA GPU and driver; none is visible here "
+                                      "(use --device cpu)")
     return torch.device(device)
 
 

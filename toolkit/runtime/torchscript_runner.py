@@ -1,4 +1,4 @@
-"""TorchScript archives written by `toolkit export --format torchscript` (card and facts in `_extra_files`)."""
+"""TorchScript archives from `toolkit export --format torchscript` (card and facts in `_extra_files`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ class TorchScriptRunner(TorchRunner):
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream
                 module = torch.jit.load(str(path), map_location=torch_device(device))
         except (RuntimeError, ValueError, OSError) as exc:
-            raise ModelFormatError(f"{path}: not a readable TorchScript archive ({first_line(exc)})") from None
+            raise ModelFormatError(f"{path}: not a readable TorchScript archive "
+                                   f"({first_line(exc)})") from None
         return cls(module, card, source=str(path), device=device, facts=facts)
 
     def close(self) -> None:
