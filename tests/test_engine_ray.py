@@ -27,6 +27,8 @@ pytest.importorskip("ray.data", reason="needs the ray extra: pip install 'resnet
 from toolkit.engines import RunnerSpec, get_engine
 from toolkit.engines.shards import SHARD_DIR
 
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")]
+
 EXACT_KEYS = ("accuracy", "top5", "macro", "micro", "weighted", "per_class", "confusion_matrix",
               "num_samples")
 TOOLKIT = Path(sys.executable).with_name("toolkit")

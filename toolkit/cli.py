@@ -482,6 +482,10 @@ def serve_command(
     max_connections: Annotated[int, typer.Option(min=1, help="Open connections; more get 503.")] = 512,
     read_timeout_s: Annotated[float, typer.Option(min=0.1, help="Headers must arrive within this, and the "
                                                   "body within 3x this; slower gets 408.")] = 10.0,
+    grpc_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="v2 gRPC port (Triton's "
+                                                     "GRPCInferenceService; 0: none). Default: 8001.")] = None,
+    reject_nonfinite: Annotated[bool, typer.Option(help="Answer 400 to v2 inputs holding NaN/Inf (Triton "
+                                                   "accepts them).")] = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Serve MODEL over HTTP: /predict, /evaluate, Open Inference Protocol v2 (KServe/Triton), /metrics, a page."""
@@ -490,18 +494,37 @@ def serve_command(
 
     path = resolve_model(model)
     wire_name = name or (path.rstrip("/").rsplit("/", 1)[-1] if path.startswith("http") else Path(path).stem)
+    grpc = _grpc_port(grpc_port)
     runner = _open_runner(path, backend, device, allow_pickle)
     config = ServeConfig(name=wire_name, host=host, port=port, max_batch_size=max_batch_size,
                          max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_s=timeout_s,
                          max_body_mb=max_body_mb, max_pixels=max_pixels, api_key=api_key or None,
                          decode_workers=workers, max_connections=max_connections,
-                         header_timeout_s=read_timeout_s, body_timeout_s=3 * read_timeout_s)
+                         header_timeout_s=read_timeout_s, body_timeout_s=3 * read_timeout_s,
+                         grpc_port=grpc, reject_nonfinite=reject_nonfinite)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         console(stderr=True).print(f"[yellow]warning:[/] serving on {host} without --api-key", highlight=False)
     console(stderr=True).print(f"serving {wire_name} ({runner.backend}) on http://{host}:{port}/  "
-                               f"v2: /v2/models/{wire_name}", style="dim")
+                               f"v2: /v2/models/{wire_name}" + (f"  gRPC: {host}:{grpc}" if grpc else ""),
+                               style="dim")
     with runner:
         serve(runner, config)
+
+
+def _grpc_port(asked: int | None) -> int:
+    """--grpc-port, or Triton's 8001 when gRPC's packages are installed (else a one-line warning)."""
+    import importlib
+
+    port = 8001 if asked is None else asked
+    if port:
+        try:
+            importlib.import_module("serve.grpc")
+        except ImportError as exc:
+            if asked is not None:
+                raise UsageError(f"--grpc-port {asked}: {exc}") from None
+            console(stderr=True).print(f"[yellow]warning:[/] no gRPC endpoint: {exc}", highlight=False)
+            return 0
+    return port
 
 
 # --- export and info ------------------------------------------------------------------------------

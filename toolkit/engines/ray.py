@@ -312,7 +312,7 @@ def evaluate(spec: RunnerSpec, dataset: Dataset, *, batch_size: int = 256,
     card = model_card(spec)
     data = align_dataset(dataset, card)
     assert data.labels is not None
-    names, ids = card.class_names, data.ids()
+    names, ids, all_labels = card.class_names, data.ids(), data.labels
     store = ShardStore(output_dir, eval_job(spec, data, names), len(data), EVAL_COLUMNS,
                        shard_size or DEFAULT_SHARD_SIZE, shard_format)
     if progress is not None and store.done():
@@ -322,7 +322,7 @@ def evaluate(spec: RunnerSpec, dataset: Dataset, *, batch_size: int = 256,
         """evaluate.evaluate's per-batch arithmetic, on one shard's readable rows."""
         index, logits, errors = rows["index"], rows["logits"], rows["error"]
         ok = np.array([not e for e in errors], dtype=bool)
-        labels, good = data.labels[index], logits[ok]
+        labels, good = all_labels[index], logits[ok]
         metrics = ConfusionMatrix(card.num_classes).add_scores(labels[ok], good)
         calibration = Calibration().add_logits(labels[ok], good)
         predicted = np.zeros(len(index), dtype=np.int64)
@@ -372,6 +372,7 @@ def _eval_run(store: ShardStore, spec: RunnerSpec, card: ModelCard, data: Datase
     def column(name: str, dtype: Any, convert: Callable[[Any], Any] = lambda v: v) -> np.ndarray:
         return np.array([convert(v) for v, fine in zip(rows[name], keep) if fine], dtype=dtype)
 
+    assert data.labels is not None
     local_files = data.images is None and not any(sources.as_url(p) for p in data.paths)
     shown = Dataset(data.name, data.class_names, data.labels[kept],
                     None if data.images is None else data.images[kept],

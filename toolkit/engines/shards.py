@@ -68,8 +68,7 @@ def eval_job(spec: Any, dataset: Any, class_names: Sequence[str]) -> dict[str, A
            "ids": _digest(dataset.ids()), "labels": _digest(np.asarray(dataset.labels).tolist()),
            "classes": _digest(class_names)}
     if dataset.images is not None:
-        pixels = memoryview(np.ascontiguousarray(dataset.images)).cast("B")
-        job["pixels"] = hashlib.sha256(pixels).hexdigest()[:16]
+        job["pixels"] = hashlib.sha256(np.ascontiguousarray(dataset.images).data).hexdigest()[:16]
     return job
 
 

@@ -1,0 +1,142 @@
+"""Shard bookkeeping and input plumbing of the engines, without starting Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toolkit.engines import ENGINES, get_engine
+from toolkit.engines.shards import (
+    EVAL_COLUMNS,
+    PREDICT_COLUMNS,
+    SHARD_DIR,
+    ShardStore,
+    calibration_from_summary,
+    calibration_summary,
+    cm_from_summary,
+    cm_summary,
+    predict_columns,
+    predict_results,
+    set_aside,
+)
+from toolkit.engines.sources import as_url
+from toolkit.errors import UsageError
+from toolkit.metrics import Calibration, ConfusionMatrix
+
+JOB = {"kind": "eval", "model": "m.onnx", "rows": 5}
+
+
+def eval_columns(start: int, stop: int) -> dict[str, list]:
+    n = stop - start
+    return {"index": list(range(start, stop)), "input": [f"img{i}.png" for i in range(start, stop)],
+            "label": ["a"] * n, "predicted": ["b"] * n, "confidence": [0.25] * n,
+            "true_probability": [float("nan")] * n, "error": [""] * n}
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_shards_round_trip_and_a_rerun_skips_finished_ones(tmp_path, fmt):
+    pytest.importorskip("pyarrow")
+    store = ShardStore(tmp_path, JOB, 5, EVAL_COLUMNS, shard_size=2, fmt=fmt)
+    assert store.pending() == [0, 1, 2] and store.bounds(2) == (4, 5)
+    store.write(0, eval_columns(0, 2), {"errors": 0})
+    store.write(2, eval_columns(4, 5), {"errors": 0})
+    (tmp_path / SHARD_DIR / ".part-00001.parquet.dead.parquet").write_bytes(b"half")  # a killed writer's temp
+
+    again = ShardStore(tmp_path, JOB, 5, EVAL_COLUMNS, shard_size=2, fmt=fmt)
+    assert again.pending() == [1]
+    assert not list((tmp_path / SHARD_DIR).glob(".part-*"))
+    again.write(1, eval_columns(2, 4), {"errors": 0})
+    again.finish()
+    rows = again.read()
+    assert rows["index"] == [0, 1, 2, 3, 4] and rows["input"][3] == "img3.png"
+    assert rows["confidence"] == [0.25] * 5 and all(np.isnan(rows["true_probability"]))
+    assert json.loads((tmp_path / SHARD_DIR / "manifest.json").read_text())["complete"] is True
+    with pytest.raises(ValueError, match="expected 1"):
+        again.write(2, eval_columns(0, 2), {})
+
+
+def test_a_folder_of_another_job_is_refused_not_mixed(tmp_path):
+    ShardStore(tmp_path, JOB, 5, EVAL_COLUMNS, shard_size=2, fmt="csv")
+    with pytest.raises(UsageError, match="different run"):
+        ShardStore(tmp_path, {**JOB, "model": "other.onnx"}, 5, EVAL_COLUMNS, shard_size=2, fmt="csv")
+    with pytest.raises(UsageError, match="different run"):
+        ShardStore(tmp_path, JOB, 5, EVAL_COLUMNS, shard_size=3, fmt="csv")
+    (tmp_path / "x" / SHARD_DIR).mkdir(parents=True)
+    (tmp_path / "x" / SHARD_DIR / "part-00000.csv").write_text("index\n0\n")
+    with pytest.raises(UsageError, match="no manifest.json"):
+        ShardStore(tmp_path / "x", JOB, 5, EVAL_COLUMNS, fmt="csv")
+
+
+def test_shards_survive_a_report_that_replaces_its_folder_whole(tmp_path):
+    out = tmp_path / "report"
+    store = ShardStore(out, JOB, 1, EVAL_COLUMNS, shard_size=1, fmt="csv")
+    store.write(0, eval_columns(0, 1), {"errors": 0})
+    with set_aside(out):
+        assert not (out / SHARD_DIR).exists()
+        out.rename(tmp_path / "old")  # what an atomic swap does to the folder
+        out.mkdir()
+    assert (out / SHARD_DIR / "part-00000.csv").is_file()
+    # killed while set aside: the next store puts the shards back before looking for them
+    with set_aside(out):
+        store_again = ShardStore(out, JOB, 1, EVAL_COLUMNS, shard_size=1, fmt="csv")
+        assert store_again.pending() == []
+
+
+def test_merged_shard_summaries_equal_one_pass():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(300, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, 300)
+    whole_cm = ConfusionMatrix(7).add_scores(labels, logits)
+    whole_cal = Calibration().add_logits(labels, logits)
+    cm, cal = ConfusionMatrix(7), Calibration()
+    for part in np.array_split(np.arange(300), 7):
+        shard_cm = ConfusionMatrix(7).add_scores(labels[part], logits[part])
+        shard_cal = Calibration().add_logits(labels[part], logits[part])
+        cm = cm.merge(cm_from_summary(json.loads(json.dumps(cm_summary(shard_cm))), 7))
+        cal = cal.merge(calibration_from_summary(json.loads(json.dumps(calibration_summary(shard_cal)))))
+    assert cm == whole_cm and cm.top5 == whole_cm.top5
+    assert cal == whole_cal and cal.nll == pytest.approx(whole_cal.nll, rel=1e-12)
+
+
+def test_predict_answers_round_trip_through_columns():
+    answers = [{"input": "a.png", "top": [{"class": "cat", "index": 3, "probability": 0.75},
+                                          {"class": "dog", "index": 5, "probability": 0.125}]},
+               {"input": "b.png", "error": "b.png: not a recognised image file"}]
+    columns = predict_columns(answers, 10)
+    assert columns["index"] == [10, 11] and set(columns) == set(PREDICT_COLUMNS)
+    assert predict_results(columns) == answers
+
+
+@pytest.mark.parametrize(("given", "url"), [
+    ("s3://bucket/key", "s3://bucket/key"),
+    (Path("s3://bucket/key"), "s3://bucket/key"),  # Path folds // into /
+    (Path("memory://folder/x"), "memory://folder/x"),
+    (Path("file:///tmp/images"), "file:///tmp/images"),
+    ("images/cats", None),
+    ("/abs/path", None),
+    ("C:/data", None),
+    (None, None),
+])
+def test_urls_are_recognised_and_unfolded(given, url):
+    assert as_url(given) == url
+
+
+def test_engine_registry_and_local_engine_options(sample_onnx_fp32, tmp_path):
+    assert ENGINES == ("local", "ray")
+    with pytest.raises(UsageError, match="unknown engine"):
+        get_engine("spark")
+    local = get_engine("local")
+    from toolkit.engines import RunnerSpec
+
+    spec = RunnerSpec(str(sample_onnx_fp32))
+    images = sorted((Path(__file__).parents[1] / "toolkit" / "sample" / "images").glob("*"))[:3]
+    with pytest.raises(UsageError, match="--address, --replicas only apply to --engine ray"):
+        local.predict(spec, local.gather([str(p) for p in images]), address="auto", replicas=2)
+    results = local.predict(spec, local.gather([str(p) for p in images]), top_k=2,
+                            output_dir=tmp_path)
+    store = ShardStore(tmp_path, json.loads((tmp_path / SHARD_DIR / "manifest.json").read_text())["job"],
+                       len(results), PREDICT_COLUMNS)
+    assert store.pending() == [] and predict_results(store.read()) == results
