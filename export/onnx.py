@@ -13,7 +13,6 @@ import contextlib
 import io
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 from toolkit.artifacts import PRECISIONS, ArtifactFacts, onnx_metadata, onnx_tensor
 from toolkit.card import ModelCard
 from toolkit.errors import ExportError, UsageError, first_line
-from toolkit.fileio import atomic_path
+from toolkit.fileio import atomic_path, os_error, staging_dir
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 DEFAULT_OPSET = 18
@@ -183,17 +182,15 @@ def save(proto: Any, card: ModelCard, output: str | Path, facts: ArtifactFacts) 
             _check(tmp)
         return output
     data_name = output.name + ".data"
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    except OSError as exc:
-        raise ExportError(f"cannot write to {output.parent}: {exc.strerror}") from None
+    staging = staging_dir(output, "tmp")  # a killed export's leftovers are removed by the next one
     try:
         onnx.save_model(proto, str(staging / output.name), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
         _check(staging / output.name)
         os.replace(staging / data_name, output.parent / data_name)
         os.replace(staging / output.name, output)
+    except OSError as exc:  # a full disk is one line: "no space left on <folder>"
+        raise os_error(exc, output.parent) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output

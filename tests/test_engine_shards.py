@@ -66,7 +66,7 @@ def test_a_folder_of_another_job_is_refused_not_mixed(tmp_path):
         ShardStore(tmp_path, JOB, 5, EVAL_COLUMNS, shard_size=3, fmt="csv")
     (tmp_path / "x" / SHARD_DIR).mkdir(parents=True)
     (tmp_path / "x" / SHARD_DIR / "part-00000.csv").write_text("index\n0\n")
-    with pytest.raises(UsageError, match="no manifest.json"):
+    with pytest.raises(UsageError, match=r"no manifest\.json"):
         ShardStore(tmp_path / "x", JOB, 5, EVAL_COLUMNS, fmt="csv")
 
 

@@ -54,6 +54,10 @@ from .shards import (
 
 INSTALL_HINT = "--engine ray needs Ray Data: pip install 'resnet-toolkit[ray]'"
 CPUS_PER_REPLICA = 4  # default replicas on CPU nodes: one per this many cores (each replica uses several)
+# Half a CPU per decode task: two decode tasks per free core, like the local engine's two decode threads
+# beside its runtime. It also differs from a replica's reservation, so Ray keeps decoding in tasks of
+# its own instead of fusing it into the replicas (where it would wait on the model).
+DECODE_CPUS = 0.5
 load_dataset = sources.load_dataset
 gather = sources.gather
 
@@ -243,13 +247,15 @@ def _stream(ray: Any, spec: RunnerSpec, card: ModelCard, tables: list[Any], *, i
     _quiet_ray_data(ray)
     count = replicas or default_replicas(ray, spec.device)
     gpu = spec.device.startswith("cuda")
+    # A CPU replica reserves one core, less when many share a small cluster: decode tasks must fit too.
+    replica_cpus = 1.0 if gpu else min(1.0, float(ray.cluster_resources().get("CPU", 1)) / (count + 1))
     images_ref = ray.put(np.ascontiguousarray(images)) if images is not None else None
     data = ray.data.from_arrow(tables)
     decode = functools.partial(decode_batch, card=card, images=images_ref)
-    data = data.map_batches(decode, batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
+    data = data.map_batches(decode, batch_size=batch_size, batch_format="numpy", num_cpus=DECODE_CPUS)
     data = data.map_batches(Replica, fn_constructor_kwargs={"spec": spec}, batch_size=batch_size,
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=count),
-                            num_cpus=1, num_gpus=1 if gpu else 0)
+                            num_cpus=replica_cpus, num_gpus=1 if gpu else 0)
     try:
         yield from data.iter_batches(batch_size=None, batch_format="numpy")
     except ToolkitError:
