@@ -154,3 +154,16 @@ def test_arch_flag_conflict_shows_both():
 def test_damaged_checkpoint_maps_to_the_nearest_architecture():
     state = {k: v for k, v in cheap_state_dict("resnet20").items() if not k.startswith("layer3.2.")}
     assert infer_architecture(state).arch == "resnet20"  # so strict loading can name what is missing
+
+
+@pytest.mark.parametrize("suffix", [".th", ".bin", ".tar"])
+def test_suffix_does_not_decide_the_reader(tmp_path, suffix):
+    """akamaster's released weights are `resnet20-12fca82f.th`; safetensors may be named `.bin`."""
+    from safetensors.torch import save_file
+
+    state = {k: v.clone() for k, v in build_model("resnet20", 10).state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / f"pickled{suffix}")
+    save_file(state, tmp_path / f"safe{suffix}")
+    for name in ("pickled", "safe"):
+        loaded = load_checkpoint(tmp_path / f"{name}{suffix}")
+        assert infer_architecture(loaded.state_dict).arch == "resnet20"

@@ -20,7 +20,6 @@ from .card import MAX_CLASSES, ModelCard
 from .errors import ArchitectureError, CheckpointError, DataError
 from .paths import require_file
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
 # Wrapper keys in the order we prefer them (non-EMA first, as timm does by default).
 WRAPPER_KEYS = ("state_dict", "model", "net", "model_state_dict", "model_ema", "state_dict_ema", "ema")
 CARD_KEY = "toolkit_card"
@@ -71,7 +70,7 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> LoadedCh
     """Read, unwrap and normalise a checkpoint. Raises CheckpointError with an actionable message."""
     path = require_file(path, error=CheckpointError, what="checkpoint")  # not a device or a FIFO
     sha = file_sha256(path)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _safetensors_content(path):  # decided by content, not only the name
         raw, card = _load_safetensors(path)
     else:
         raw, card = _load_torch(path, allow_pickle), None
@@ -117,6 +116,13 @@ def _unsafe_globals(path: Path) -> str:
     except Exception:  # noqa: BLE001 - only used to enrich a message
         return "unknown objects"
     return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "") if names else "unknown objects"
+
+
+def _safetensors_content(path: Path) -> bool:
+    from .runtime.registry import is_safetensors_head
+
+    with path.open("rb") as handle:
+        return is_safetensors_head(handle.read(16))
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, Any], ModelCard | None]:

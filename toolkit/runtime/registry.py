@@ -101,9 +101,14 @@ def sniff_torch(path: Path) -> str | None:
         return "checkpoint" if any(n.endswith("data.pkl") for n in names) else None
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "checkpoint"
-    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100 * 1024**2:
+    if is_safetensors_head(head):
         return "checkpoint"
     return None
+
+
+def is_safetensors_head(head: bytes) -> bool:
+    """safetensors files open with an 8-byte little-endian header length, then a JSON object."""
+    return len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100 * 1024**2
 
 
 def triton_model_file(directory: Path) -> Path:
