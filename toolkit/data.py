@@ -7,6 +7,7 @@ arrays and plain containers: a planted payload in a downloaded batch cannot run.
 
 from __future__ import annotations
 
+import functools
 import glob as globmod
 import hashlib
 import io
@@ -14,7 +15,6 @@ import pickle
 import tarfile
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,11 +22,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .card import ModelCard
+from .decode_pool import DecodePool, load_uint8
 from .errors import DataError, UsageError
-from .images import IMAGE_SUFFIXES, decode_image
+from .images import IMAGE_SUFFIXES
 from .names import DATASETS
 from .paths import read_bytes_bounded, require_dir
-from .preprocess import preprocess, to_uint8
+from .preprocess import preprocess
 
 SAMPLE_DIR = Path(__file__).parent / "sample" / "digits-batches-py"
 
@@ -251,26 +252,31 @@ class Dataset:
             paths=self.paths[:limit],
         )
 
-    def uint8_batches(self, card: ModelCard, batch_size: int, workers: int = 2) -> Iterator[np.ndarray]:
-        """uint8 NHWC batches at the card's input size. Files decode in a thread pool, in order."""
+    def uint8_batches(self, card: ModelCard, batch_size: int, workers: int | None = None,
+                      device: str = "cpu") -> Iterator[Any]:
+        """uint8 NHWC batches at the card's input size, in order.
+
+        Files decode on `workers` threads (default: every core; toolkit/decode_pool.py), a window
+        ahead across batch boundaries. With a CUDA `device`, JPEGs decode on the GPU (nvjpeg) and the
+        batches are uint8 tensors on that device (toolkit/gpu_decode.py); other formats use the pool.
+        """
         if batch_size < 1:
             raise UsageError(f"--batch-size must be positive, got {batch_size}")
         if self.images is not None:
             for start in range(0, len(self), batch_size):
                 yield self.images[start:start + batch_size]
             return
-        draft = (card.resize_size, card.resize_size)
+        if device.startswith("cuda"):
+            from .gpu_decode import gpu_uint8_batches
 
-        def load(path: Path) -> np.ndarray:
-            return to_uint8(decode_image(path, draft_size=draft), card)
+            yield from gpu_uint8_batches(self.paths, card, batch_size, device=device, workers=workers)
+            return
+        with DecodePool(workers) as pool:
+            yield from pool.batches(functools.partial(load_uint8, card=card), self.paths, batch_size)
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for start in range(0, len(self.paths), batch_size):
-                yield np.stack(list(pool.map(load, self.paths[start:start + batch_size])))
-
-    def batches(self, card: ModelCard, batch_size: int) -> Iterator[np.ndarray]:
+    def batches(self, card: ModelCard, batch_size: int, workers: int | None = None) -> Iterator[np.ndarray]:
         """float32 NCHW batches, normalised as `card` prescribes."""
-        for raw in self.uint8_batches(card, batch_size):
+        for raw in self.uint8_batches(card, batch_size, workers):
             yield preprocess(raw, card)
 
     def aligned_to(self, class_names: Sequence[str]) -> Dataset:
