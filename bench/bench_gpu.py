@@ -144,7 +144,7 @@ def decode_table(folder: Path, workers: int, seconds: float) -> dict[str, float]
         (f"{workers} threads", f"{results[f'{workers} threads']:,.0f} img/s"),
         (f"{workers} processes", f"{results[f'{workers} processes']:,.0f} img/s"),
         (f"toolkit folder pipeline, --workers {workers}", f"{results['folder pipeline']:,.0f} img/s"),
-        (f"threads / processes", f"{results[f'{workers} threads'] / results[f'{workers} processes']:.2f}x"),
+        ("threads / processes", f"{results[f'{workers} threads'] / results[f'{workers} processes']:.2f}x"),
         (f"pipeline / ({workers} x 1 thread)  [target >= 0.7]",
          f"{results['folder pipeline'] / (workers * results['1 thread']):.2f}x"),
         ("pipeline / best pool", f"{results['folder pipeline'] / best:.2f}x"),
@@ -206,8 +206,8 @@ def toolkit_eval(checkpoint: Path, data: object, batch_size: int, **options: obj
 
 def cifar_table(root: Path, images: int, batch_size: int, seconds: float, compile_modes: list[str]) -> None:
     import torch
-
     from bench_eval import make_cifar, make_resnet56
+
     from toolkit.checkpoint import load_checkpoint
     from toolkit.data import load_cifar
     from toolkit.preprocess import preprocess
@@ -258,7 +258,7 @@ def cifar_table(root: Path, images: int, batch_size: int, seconds: float, compil
         rows += [(f"pure torch compile {mode} (compiled in {limits[f'{mode} seconds']:.0f} s)",
                   f"{limits[mode]:,.0f} img/s"),
                  (f"toolkit eval --compile {mode}", f"{e2e[mode]:,.0f} img/s"),
-                 (f"compiled e2e / compiled model  [target >= 0.8]", f"{e2e[mode] / limits[mode]:.2f}x")]
+                 ("compiled e2e / compiled model  [target >= 0.8]", f"{e2e[mode] / limits[mode]:.2f}x")]
     ts = torchscript_eval(checkpoint, root, data, batch_size)
     rows.append(("toolkit eval of the TorchScript export (warm at load)", f"{ts:,.0f} img/s"))
     table(f"CIFAR ResNet-56, {len(data)} images, {torch.cuda.get_device_name()}", rows)
@@ -278,10 +278,10 @@ def torchscript_eval(checkpoint: Path, root: Path, data: object, batch_size: int
 
 def folder_table(folder: Path, root: Path, batch_size: int, seconds: float, compile_modes: list[str]) -> None:
     import torch
+    from toolkit.gpu_decode import decode_agreement, gpu_uint8_batches
 
     from toolkit.archs import build_model
     from toolkit.data import load_image_folder
-    from toolkit.gpu_decode import decode_agreement, gpu_uint8_batches
 
     card = imagenet_card()
     torch.manual_seed(0)

@@ -134,9 +134,7 @@ def infer_response(request: InferRequest, tensors: list[tuple[Tensor, bool]], co
     response = service_pb2.ModelInferResponse(model_name=config.name, model_version=config.version,
                                               id=request.id or "")
     for tensor, _ in tensors:
-        out = response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.data.shape))
-        for key, value in tensor.parameters.items():
-            _set_parameter(out.parameters[key], value)
+        response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.data.shape))
         if protocol.SHM_REGION in tensor.parameters:
             response.raw_output_contents.append(b"")  # written into the region; keeps indices aligned
         elif tensor.datatype == "BYTES":
@@ -145,17 +143,6 @@ def infer_response(request: InferRequest, tensors: list[tuple[Tensor, bool]], co
             data = np.ascontiguousarray(tensor.data, tensor.data.dtype.newbyteorder("<"))
             response.raw_output_contents.append(data.tobytes())
     return response
-
-
-def _set_parameter(target: Any, value: Any) -> None:
-    if isinstance(value, bool):
-        target.bool_param = value
-    elif isinstance(value, int):
-        target.int64_param = value
-    elif isinstance(value, float):
-        target.double_param = value
-    else:
-        target.string_param = str(value)
 
 
 def _message(document: Any, message: Any) -> Any:

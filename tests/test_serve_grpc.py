@@ -209,16 +209,16 @@ def test_draining_answers_unavailable(client, server, batch):
 
 def test_api_key(runner, batch):
     port = free_port()
-    with running_server(runner, api_key="s3cret", grpc_port=port):
-        with grpcclient.InferenceServerClient(f"127.0.0.1:{port}") as client:
-            assert client.is_server_live()  # health stays open, as over HTTP
-            err = _error(client.infer, MODEL, [_input(batch)])
-            assert err.status() == "StatusCode.UNAUTHENTICATED"
-            err = _error(client.get_model_metadata, MODEL, headers={"authorization": "Bearer wrong"})
-            assert err.status() == "StatusCode.UNAUTHENTICATED"
-            for headers in ({"authorization": "Bearer s3cret"}, {"x-api-key": "s3cret"}):
-                result = client.infer(MODEL, [_input(batch)], headers=headers)
-                assert result.as_numpy("logits").shape == (len(batch), 10)
+    with running_server(runner, api_key="s3cret", grpc_port=port), \
+            grpcclient.InferenceServerClient(f"127.0.0.1:{port}") as client:
+        assert client.is_server_live()  # health stays open, as over HTTP
+        err = _error(client.infer, MODEL, [_input(batch)])
+        assert err.status() == "StatusCode.UNAUTHENTICATED"
+        err = _error(client.get_model_metadata, MODEL, headers={"authorization": "Bearer wrong"})
+        assert err.status() == "StatusCode.UNAUTHENTICATED"
+        for headers in ({"authorization": "Bearer s3cret"}, {"x-api-key": "s3cret"}):
+            result = client.infer(MODEL, [_input(batch)], headers=headers)
+            assert result.as_numpy("logits").shape == (len(batch), 10)
 
 
 def test_grpc_port_in_use_stops_the_server_with_the_reason(runner):

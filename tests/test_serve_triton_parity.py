@@ -61,7 +61,7 @@ def _triton_error(client, array: np.ndarray):
     return err.value
 
 
-# --- 1. NaN/Inf: Triton does not inspect values -----------------------------------------------------------
+# --- 1. NaN/Inf: Triton does not inspect values -------------------------------------------------------
 
 def test_random_bytes_with_nan_and_inf_are_answered_as_triton_does(client, runner):
     # what perf_analyzer sends by default: random bytes, so some floats are NaN or Inf
@@ -90,7 +90,7 @@ def test_reject_nonfinite_is_opt_in(runner):
         client.close()
 
 
-# --- 2. statistics for every model --------------------------------------------------------------------------
+# --- 2. statistics for every model --------------------------------------------------------------------
 
 def test_statistics_of_all_models(client, base):
     client.infer(MODEL, [_input(np.zeros((2, 3, 32, 32), np.float32))])
@@ -112,7 +112,7 @@ def test_statistics_of_all_models(client, base):
     json_format.ParseDict(everything, service_pb2.ModelStatisticsResponse())
 
 
-# --- 3./4. batch size and shape, with Triton's messages -------------------------------------------------------
+# --- 3./4. batch size and shape, with Triton's messages -----------------------------------------------
 
 def test_batch_over_max_batch_size_is_400(client):
     err = _triton_error(client, np.zeros((MAX_BATCH + 1, 3, 32, 32), np.float32))
@@ -123,11 +123,11 @@ def test_batch_over_max_batch_size_is_400(client):
 def test_input_without_batch_dim_is_400(client):
     err = _triton_error(client, np.zeros((3, 32, 32), np.float32))
     assert err.status() == "400"
-    assert err.message().startswith(f"unexpected shape for input 'input' for model '{MODEL}'. "
-                                    "Expected [-1,3,32,32], got [3,32,32]. NOTE: Setting a non-zero max_batch_size")
+    assert err.message().startswith(f"unexpected shape for input 'input' for model '{MODEL}'. Expected "
+                                    "[-1,3,32,32], got [3,32,32]. NOTE: Setting a non-zero max_batch_size")
 
 
-# --- 5. repository control (model control mode "none") ---------------------------------------------------------
+# --- 5. repository control (model control mode "none") ------------------------------------------------
 
 @pytest.mark.parametrize("action", ["load", "unload"])
 def test_load_unload_answer_as_triton_in_mode_none(client, action):
@@ -140,7 +140,7 @@ def test_load_unload_answer_as_triton_in_mode_none(client, action):
     assert client.is_model_ready(MODEL)
 
 
-# --- 6. logging, trace settings, shared memory ----------------------------------------------------------------
+# --- 6. logging, trace settings, shared memory --------------------------------------------------------
 
 def test_logging_settings(client):
     settings = client.get_log_settings()
@@ -194,7 +194,8 @@ def test_system_shared_memory_inputs_and_outputs(client, runner, sample_test):
         out = httpclient.InferRequestedOutput("logits", binary_data=True)
         out.set_shared_memory("toolkit_out", out_bytes)
         result = client.infer(MODEL, [inp], outputs=[out])
-        assert result.get_output("logits")["parameters"]["shared_memory_region"] == "toolkit_out"
+        # as Triton: the output names no data and no parameters (C++ clients read binary_data_size there)
+        assert result.get_output("logits") == {"name": "logits", "datatype": "FP32", "shape": [3, 10]}
         got = shm.get_contents_as_numpy(out_handle, np.float32, list(expected.shape))
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
         # a region too small for the tensor named in the request is a 400, not a crash
@@ -223,7 +224,7 @@ def test_shared_memory_register_refuses_bad_regions(base, body):
     assert "error" in response.json()
 
 
-# --- 8. one source for /config and config.pbtxt ------------------------------------------------------------------
+# --- 8. one source for /config and config.pbtxt -------------------------------------------------------
 
 def test_config_is_the_exported_config(client, runner, server):
     from google.protobuf import json_format, text_format
@@ -251,7 +252,7 @@ def test_config_is_the_exported_config(client, runner, server):
         runner.card.class_names)
 
 
-# --- 8. int8 at opset 19: onnx's reference evaluator runs it ----------------------------------------------------
+# --- 8. int8 at opset 19: onnx's reference evaluator runs it ------------------------------------------
 
 @pytest.mark.slow
 def test_int8_export_runs_in_the_reference_evaluator(sample_model, sample_test, tmp_path):

@@ -69,7 +69,7 @@ class DecodePool:
         self.kind = kind
         self._executor: Executor | None = None
 
-    def __enter__(self) -> DecodePool:
+    def __enter__(self) -> DecodePool:  # noqa: PYI034 - typing.Self needs 3.11
         if self.kind == "process":
             import multiprocessing
 

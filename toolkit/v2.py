@@ -294,9 +294,8 @@ def _encode_tensors(tensors: Sequence[tuple[Tensor, bool]]) -> tuple[list[dict[s
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype,
                                  "shape": [int(d) for d in tensor.data.shape]}
         params = dict(tensor.parameters)
-        if "shared_memory_region" in params:  # already written into the client's region: no data here
-            entry["parameters"] = params
-            described.append(entry)
+        if "shared_memory_region" in params:  # written into the client's region: no data, and (as Triton)
+            described.append(entry)  # no parameters, which clients would read binary_data_size from
             continue
         if binary:
             if tensor.datatype == "BYTES":
