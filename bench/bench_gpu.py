@@ -126,9 +126,9 @@ def decode_table(folder: Path, workers: int, seconds: float) -> dict[str, float]
         return run
 
     results = {"1 thread": rate(one_core, seconds)}
-    for kind in ("thread", "process"):
+    for kind, plural in (("thread", "threads"), ("process", "processes")):
         run = pooled(kind)
-        results[f"{workers} {kind}s"] = rate(run, seconds, warmup=0)
+        results[f"{workers} {plural}"] = rate(run, seconds, warmup=0)
         run.pool.__exit__(None, None, None)  # type: ignore[attr-defined]
 
     def pipeline() -> int:
@@ -278,7 +278,7 @@ def torchscript_eval(checkpoint: Path, root: Path, data: object, batch_size: int
 
 def folder_table(folder: Path, root: Path, batch_size: int, seconds: float, compile_modes: list[str]) -> None:
     import torch
-    from toolkit.gpu_decode import decode_agreement, gpu_uint8_batches
+    from toolkit.gpu_decode import decode_agreement, tensor_uint8_batches
 
     from toolkit.archs import build_model
     from toolkit.data import load_image_folder
@@ -300,7 +300,7 @@ def folder_table(folder: Path, root: Path, batch_size: int, seconds: float, comp
 
     def nvjpeg() -> int:
         n = 0
-        for batch in gpu_uint8_batches(data.paths, card, batch_size, device="cuda"):
+        for batch in tensor_uint8_batches(data.paths, card, batch_size, device="cuda"):
             n += len(batch)
         torch.cuda.synchronize()
         return n

@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -116,7 +117,9 @@ def main() -> None:
           f"{', '.join(f'{r[0]:.2f}' for r in local_runs)} s)")
     print(f"ray engine   : {best_ray[0]:6.2f} s  {ray_ips:8,.0f} img/s   (runs: "
           f"{', '.join(f'{r[0]:.2f}' for r in ray_runs)} s)")
-    print(f"ratio ray/local: {ray_ips / local_ips:.2f}x  (target >= 0.7x)")
+    median_ratio = statistics.median(r[0] for r in local_runs) / statistics.median(r[0] for r in ray_runs)
+    print(f"ratio ray/local: {ray_ips / local_ips:.2f}x best of {args.repeat}, {median_ratio:.2f}x median "
+          "(target >= 0.7x)")
     print(f"ray overhead: {best_ray[0] - best_local[0]:+.2f} s per run, of which {best_ray[1]:.2f} s to the "
           f"first finished batch (actor start-up, model load, first decode); after that {steady:,.0f} img/s; "
           f"plus {cluster_start:.1f} s once to start the local cluster (not counted above)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
@@ -41,9 +41,10 @@ class Stats:
     inference_count: int = 0  # images run
     exec_count: int = 0  # runner calls
     batch_sizes: Counter[int] = field(default_factory=Counter)  # images per runner call -> calls
-    batch_infer_us: Counter[int] = field(default_factory=Counter)
-    batch_input_us: Counter[int] = field(default_factory=Counter)  # compute_input of the requests in them
-    batch_output_us: Counter[int] = field(default_factory=Counter)
+    batch_infer_us: defaultdict[int, float] = field(default_factory=lambda: defaultdict(float))
+    # per batch size: the summed compute_input/compute_output of the requests that rode in such calls
+    batch_input_us: defaultdict[int, float] = field(default_factory=lambda: defaultdict(float))
+    batch_output_us: defaultdict[int, float] = field(default_factory=lambda: defaultdict(float))
     pending: int = 0  # requests queued, not yet running
     in_flight: int = 0  # requests inside the server (any endpoint that does work)
     http_responses: Counter[str] = field(default_factory=Counter)

@@ -49,7 +49,7 @@ class SharedMemoryRegistry:
         self._regions: dict[str, Region] = {}
         self._lock = threading.Lock()
 
-    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+    def register(self, name: str, key: str, offset: Any, byte_size: Any) -> None:  # checked here
         if not isinstance(name, str) or not name:
             raise SharedMemoryError("a shared memory region needs a name")
         if not isinstance(key, str) or not _KEY.match(key) or key.strip("/.") == "":

@@ -522,7 +522,10 @@ def _grpc_port(asked: int | None) -> int:
         except ImportError as exc:
             if asked is not None:
                 raise UsageError(f"--grpc-port {asked}: {exc}") from None
-            console(stderr=True).print(f"[yellow]warning:[/] no gRPC endpoint: {exc}", highlight=False)
+            from rich.markup import escape
+
+            console(stderr=True).print(f"[yellow]warning:[/] no gRPC endpoint: {escape(str(exc))}",
+                                       highlight=False)
             return 0
     return port
 

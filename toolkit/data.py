@@ -267,9 +267,9 @@ class Dataset:
                 yield self.images[start:start + batch_size]
             return
         if device.startswith("cuda"):
-            from .gpu_decode import gpu_uint8_batches
+            from .gpu_decode import tensor_uint8_batches
 
-            yield from gpu_uint8_batches(self.paths, card, batch_size, device=device, workers=workers)
+            yield from tensor_uint8_batches(self.paths, card, batch_size, device=device, workers=workers)
             return
         with DecodePool(workers) as pool:
             yield from pool.batches(functools.partial(load_uint8, card=card), self.paths, batch_size)

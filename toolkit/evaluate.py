@@ -21,10 +21,11 @@ import numpy as np
 
 from .card import ModelCard, generic_class_names
 from .data import Dataset, expand_inputs
+from .decode_pool import resolve_workers
 from .errors import DataError, ToolkitError
 from .images import decode_image
 from .metrics import Calibration, ConfusionMatrix, top_confusions
-from .preprocess import preprocess, to_uint8
+from .preprocess import to_uint8
 from .runtime.base import Runner
 
 T = TypeVar("T")
@@ -107,14 +108,24 @@ class LoopTiming:
 
 def iterate_logits(runner: Runner, dataset: Dataset, batch_size: int = 256, *,
                    timing: LoopTiming | None = None, progress: Progress | None = None,
-                   prefetch_depth: int = 2) -> Iterator[np.ndarray]:
-    """Logits batch by batch, in dataset order; data for the next batches is prepared meanwhile."""
+                   prefetch_depth: int = 2, workers: int | None = None) -> Iterator[np.ndarray]:
+    """Logits batch by batch, in dataset order; data for the next batches is prepared meanwhile.
+
+    Files decode on `workers` threads (default: every core). A runner that normalises on its device
+    (`accepts_uint8`: torch on a GPU) gets uint8 batches, decoded on its GPU when they are JPEGs;
+    the others get float32 batches preprocessed in the prefetch thread.
+    """
     timing = timing if timing is not None else LoopTiming()
     start = time.perf_counter()
     model_seconds = first_model_seconds = 0.0
-    for batch in prefetched(dataset.batches(runner.card, batch_size), prefetch_depth):
+    if runner.accepts_uint8:
+        source: Iterable[Any] = dataset.uint8_batches(runner.card, batch_size, workers, device=runner.device)
+        call: Callable[[Any], np.ndarray] = runner.run_uint8
+    else:
+        source, call = dataset.batches(runner.card, batch_size, workers), runner
+    for batch in prefetched(source, prefetch_depth):
         began = time.perf_counter()
-        logits = runner(batch)
+        logits = call(batch)
         now = time.perf_counter()
         model_seconds += now - began
         if timing.total_images == 0:  # the first batch is the warm-up
@@ -130,9 +141,10 @@ def iterate_logits(runner: Runner, dataset: Dataset, batch_size: int = 256, *,
         timing.warmup_images, timing.warmup_seconds, timing.model_seconds = 0, 0.0, first_model_seconds
 
 
-def collect_logits(runner: Runner, dataset: Dataset, batch_size: int = 256) -> np.ndarray:
+def collect_logits(runner: Runner, dataset: Dataset, batch_size: int = 256,
+                   workers: int | None = None) -> np.ndarray:
     """Logits (N, classes) for every item of `dataset`, preprocessed by the runner's card."""
-    outputs = list(iterate_logits(runner, dataset, batch_size))
+    outputs = list(iterate_logits(runner, dataset, batch_size, workers=workers))
     if not outputs:
         return np.zeros((0, runner.card.num_classes), dtype=np.float32)
     return np.concatenate(outputs)
@@ -234,7 +246,7 @@ class EvalReport:
 
 
 def evaluate(runner: Runner, dataset: Dataset, batch_size: int = 256,
-             progress: Progress | None = None) -> EvalReport:
+             progress: Progress | None = None, workers: int | None = None) -> EvalReport:
     """Accuracy, top-5, per-class precision/recall/F1 and speed of `runner` on a labelled dataset.
 
     `progress`, if given, is called with the number of images each batch finished; drawing a bar is
@@ -250,7 +262,7 @@ def evaluate(runner: Runner, dataset: Dataset, batch_size: int = 256,
     timing = LoopTiming()
 
     done = 0
-    for logits in iterate_logits(runner, data, batch_size, timing=timing, progress=progress):
+    for logits in iterate_logits(runner, data, batch_size, timing=timing, progress=progress, workers=workers):
         n = len(logits)
         metrics.add_scores(data.labels[done:done + n], logits)
         predictions[done:done + n] = logits.argmax(1)
@@ -317,11 +329,11 @@ def top_k_entries(probabilities: np.ndarray, class_names: Sequence[str], k: int)
 
 
 def predict(runner: Runner, inputs: Sequence[str | Path | PredictInput], top_k: int = 5, batch_size: int = 32,
-            workers: int = 2, progress: Progress | None = None) -> list[dict[str, Any]]:
+            workers: int | None = None, progress: Progress | None = None) -> list[dict[str, Any]]:
     """One answer per input, in order: {"input", "top": [...]} or {"input", "error"}.
 
-    Images decode in a thread pool, one chunk ahead of inference; a bad input becomes an error
-    entry and never stops the others.
+    Images decode on `workers` threads (default: every core), one chunk ahead of inference; a bad
+    input becomes an error entry and never stops the others.
     """
     items = [i if isinstance(i, PredictInput) else PredictInput(str(i), Path(i)) for i in inputs]
     card = runner.card
@@ -329,7 +341,7 @@ def predict(runner: Runner, inputs: Sequence[str | Path | PredictInput], top_k: 
     results: list[dict[str, Any]] = []
     batch_size = max(1, batch_size)
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=resolve_workers(workers)) as pool:
         def submit(chunk: list[PredictInput]) -> list[Future[np.ndarray | str]]:
             return [pool.submit(_load, item, card) for item in chunk]
 
@@ -340,7 +352,7 @@ def predict(runner: Runner, inputs: Sequence[str | Path | PredictInput], top_k: 
             good = [j for j, value in enumerate(loaded) if not isinstance(value, str)]
             answers: dict[int, dict[str, Any]] = {}
             if good:
-                probabilities = softmax(runner(preprocess(np.stack([loaded[j] for j in good]), card)))
+                probabilities = softmax(runner.run_uint8(np.stack([loaded[j] for j in good])))
                 for row, j in enumerate(good):
                     top = top_k_entries(probabilities[row], card.class_names, k)
                     answers[j] = {"input": chunk[j].name, "top": top}

@@ -390,3 +390,26 @@ def top_confusions(matrix: np.ndarray, class_names: Sequence[str], limit: int = 
          "share": int(counts[o]) / total, "true_class_rate": int(counts[o]) / int(support[true_idx[o]])}
         for o in order
     ]
+
+
+def logits_agreement(reference: np.ndarray, candidate: np.ndarray,
+                     labels: np.ndarray | None = None) -> dict[str, Any]:
+    """How far `candidate` logits are from `reference` on the same images, as an export's verification
+    judges reduced precision: max/mean |diff|, top-1 agreement and, with labels, both accuracies."""
+    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    if reference.shape != candidate.shape or reference.ndim != 2:
+        raise InputError(f"logits to compare must share one (N, classes) shape, got {reference.shape} "
+                         f"and {candidate.shape}")
+    diff = np.abs(candidate - reference)
+    n = len(reference)
+    result: dict[str, Any] = {
+        "num_samples": n,
+        "max_abs_diff": float(diff.max()) if n else 0.0,
+        "mean_abs_diff": float(diff.mean()) if n else 0.0,
+        "top1_agreement": float((candidate.argmax(1) == reference.argmax(1)).mean()) if n else 1.0,
+        "finite": bool(np.isfinite(candidate).all()),
+    }
+    if labels is not None and n:
+        result["reference_accuracy"] = float((reference.argmax(1) == labels).mean())
+        result["accuracy"] = float((candidate.argmax(1) == labels).mean())
+    return result

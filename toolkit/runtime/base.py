@@ -29,6 +29,9 @@ class Runner(ABC):
     """
 
     backend: str = "?"
+    # True when `run_uint8` normalises on the runner's device (the torch runners on a GPU): loops then
+    # hand it uint8 batches instead of preprocessing on the host
+    accepts_uint8: bool = False
 
     def __init__(self, card: ModelCard, *, source: str, device: str = "cpu",
                  fixed_batch_size: int | None = None, max_batch_size: int | None = None,
@@ -65,6 +68,15 @@ class Runner(ABC):
                 part = np.concatenate([part, np.zeros((chunk - real, *part.shape[1:]), np.float32)])
             outputs.append(self._checked_output(self._infer(part), len(part))[:real])
         return np.concatenate(outputs)
+
+    def run_uint8(self, images: Any) -> np.ndarray:
+        """uint8 NHWC images -> logits. Here: `preprocess` on the host, then the call; runners that
+        normalise on their device (`accepts_uint8`) override it."""
+        from ..preprocess import preprocess
+
+        if not isinstance(images, np.ndarray):
+            raise InputError(f"expected uint8 images as a numpy array, got {type(images).__name__}")
+        return self(preprocess(images, self.card))
 
     def _check(self, batch: Any) -> np.ndarray:
         expected = (self.card.input_size[0], self.card.height, self.card.width)
