@@ -222,7 +222,7 @@ def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = Non
     variants = _without_unusable_tensorrt(plan(formats, precisions), device)
     data = load_dataset(dataset, data_dir, split).subset(limit)
     keep = output_dir is not None
-    folder = Path(output_dir) if keep else Path(tempfile.mkdtemp(prefix="toolkit-benchmark-"))
+    folder = Path(output_dir if output_dir is not None else tempfile.mkdtemp(prefix="toolkit-benchmark-"))
     folder.mkdir(parents=True, exist_ok=True)
     artifacts = _Artifacts(str(checkpoint), folder, dataset, Path(data_dir) if data_dir else None,
                            device=device, allow_pickle=allow_pickle, calib_size=calib_size,
@@ -266,7 +266,7 @@ def _timing_images(checkpoint: str | Path, data: Dataset, allow_pickle: bool) ->
     """A few real preprocessed images (the card's preprocessing) to time with."""
     from toolkit.runtime.registry import open_model
 
-    options = {"allow_pickle": True} if allow_pickle else {}
+    options: dict[str, Any] = {"allow_pickle": True} if allow_pickle else {}
     with open_model(checkpoint, backend="torch", **options) as runner:
         card = runner.card
     sample = align_dataset(data, card).subset(min(len(data), 64))

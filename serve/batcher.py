@@ -97,7 +97,8 @@ class DynamicBatcher:
             raise QueueTimeoutError(f"request timed out after {self.timeout_s:g} s (--timeout-s)") from None
 
     def _take(self) -> list[_Item]:
-        items, size = [], 0
+        items: list[_Item] = []
+        size = 0
         while self._queue:
             head = self._queue[0]
             if items and size + len(head.batch) > self.max_batch_size:

@@ -25,9 +25,11 @@ from .state import ServerState
 
 log = logging.getLogger("toolkit.serve")
 
+# As starlette.types spells them, so an app's callables and Starlette's responses fit these.
 Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/", "/favicon.ico"})  # exact paths only
@@ -58,7 +60,7 @@ class Accounting:
         stats = self.state.stats
         started = False
 
-        async def counted_send(message: dict[str, Any]) -> None:
+        async def counted_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
@@ -162,7 +164,7 @@ class BodyLimitGuard:
         body = b"".join(chunks)
         replayed = False
 
-        async def replay() -> dict[str, Any]:
+        async def replay() -> Message:
             nonlocal replayed
             if replayed:
                 return await receive()

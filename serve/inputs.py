@@ -151,6 +151,7 @@ def _inflate(data: bytes, member: zipfile.ZipInfo, cap: int, *, total_cap: int) 
     raw = memoryview(data)[start:start + member.compress_size]
     if len(raw) < member.compress_size:
         raise InputError(f"zip entry {name}: truncated archive")
+    decompress: zlib._Decompress | bz2.BZ2Decompressor | None
     if member.compress_type == zipfile.ZIP_STORED:
         decompress = None
     elif member.compress_type == zipfile.ZIP_DEFLATED:
@@ -178,9 +179,10 @@ def _inflate(data: bytes, member: zipfile.ZipInfo, cap: int, *, total_cap: int) 
                     if size > cap:
                         raise too_big
                     chunks.append(chunk)
-                    piece = _pending_input(decompress)
-                    if piece is None:
+                    pending = _pending_input(decompress)
+                    if pending is None:
                         break
+                    piece = pending
         except (zlib.error, OSError, EOFError, ValueError) as exc:
             raise InputError(f"zip entry {name}: cannot inflate ({exc})") from None
         out = b"".join(chunks)

@@ -140,3 +140,20 @@ def test_engine_registry_and_local_engine_options(sample_onnx_fp32, tmp_path):
     store = ShardStore(tmp_path, json.loads((tmp_path / SHARD_DIR / "manifest.json").read_text())["job"],
                        len(results), PREDICT_COLUMNS)
     assert store.pending() == [] and predict_results(store.read()) == results
+
+
+def test_an_address_nothing_listens_at_fails_in_seconds_not_minutes():
+    import socket
+
+    from toolkit.engines.ray import _check_reachable
+    from toolkit.errors import BackendUnavailableError
+
+    with socket.socket() as listener:  # a port that was free a moment ago: nothing listens there now
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(BackendUnavailableError, match="cannot reach the Ray cluster"):
+            _check_reachable(address, timeout=2)
+    with pytest.raises(UsageError, match="expected auto, host:port"):
+        _check_reachable("nonsense")
+    _check_reachable("auto")  # left to Ray, which finds RAY_ADDRESS or the cluster running here

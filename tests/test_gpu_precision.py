@@ -66,8 +66,8 @@ def fp32_runner(sample_model):
 
 def test_run_uint8_equals_call_on_preprocessed(fp32_runner, sample_test):
     images = sample_test.images[:37]
-    np.testing.assert_allclose(fp32_runner.run_uint8(images), fp32_runner(preprocess(images, fp32_runner.card)),
-                               rtol=1e-5, atol=1e-5)
+    expected = fp32_runner(preprocess(images, fp32_runner.card))
+    np.testing.assert_allclose(fp32_runner.run_uint8(images), expected, rtol=1e-5, atol=1e-5)
     torch_images = torch.from_numpy(np.ascontiguousarray(images))
     np.testing.assert_allclose(fp32_runner.run_uint8(torch_images), fp32_runner.run_uint8(images),
                                rtol=1e-5, atol=1e-5)

@@ -116,7 +116,8 @@ def test_v2_errors_name_what_is_expected(triton, base, runner):
     assert err.value.status() == "400"
     ints = httpclient.InferInput("input", [1, 3, 32, 32], "INT64")
     ints.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.int64))
-    with pytest.raises(InferenceServerException, match="data-type is 'INT64', but model 'digits' expects 'FP32'") as err:
+    with pytest.raises(InferenceServerException,
+                       match="data-type is 'INT64', but model 'digits' expects 'FP32'") as err:
         triton.infer(MODEL, [ints])
     assert err.value.status() == "400"
     with pytest.raises(InferenceServerException, match="unknown model") as err:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import DataError, UsageError
+from .errors import DataError, ToolkitError, UsageError
 from .fileio import atomic_write_text
 from .paths import read_bytes_bounded
 
@@ -78,7 +78,7 @@ def _refuse_constant(name: str) -> Any:
 
 
 def load_json_bounded(text: str | bytes, *, max_bytes: int, max_depth: int, what: str = "JSON",
-                      error: type[DataError] = CardError) -> Any:
+                      error: type[ToolkitError] = CardError) -> Any:
     """json.loads with limits checked first: size, nesting depth, and no NaN/Infinity.
 
     The standard parser recurses once per level (100,000 levels -> RecursionError) and accepts the

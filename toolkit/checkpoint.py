@@ -268,7 +268,7 @@ def infer_architecture(state: Mapping[str, Any]) -> ArchInfo:
     if block == "bottleneck":
         grouped = state.get("layer1.0.conv2.weight")  # (width, width / groups, 3, 3)
         expand = state["layer1.0.conv3.weight"]
-        if getattr(grouped, "ndim", 0) != 4 or getattr(expand, "ndim", 0) != 4:
+        if grouped is None or getattr(grouped, "ndim", 0) != 4 or getattr(expand, "ndim", 0) != 4:
             raise ArchitectureError("no 4-D 'layer1.0.conv2.weight'/'layer1.0.conv3.weight': "
                                     "not a ResNet/ResNeXt")
         width, per_group = int(grouped.shape[0]), int(grouped.shape[1])

@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Callable, Iterable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import typer
 
@@ -103,12 +103,26 @@ def resolve_model(model: str | None) -> str:
 
 # --- shared option types ------------------------------------------------------------------------
 
-def _choices(name: str, values: Iterable[str]) -> Any:
+class Choice(str, Enum):
+    """Base of the choice Enums whose members come from a registry's name list (`_choices`).
+
+    mypy cannot see members made at run time, so each such Enum is declared to it, under
+    TYPE_CHECKING, as a memberless subclass of this: look members up by name, which is their value
+    (`DatasetName["sample"]`), not as attributes.
+    """
+
+
+def _choices(name: str, values: Iterable[str]) -> type[Choice]:
     """A `str` Enum for Typer's choices, built from one of the registries' name lists."""
-    return Enum(name, [(value, value) for value in values], type=str)
+    # Enum's functional API; typeshed resolves a call on a str-mixin Enum to str(), hence the ignore.
+    members = Choice(name, [(value, value) for value in values])  # type: ignore[call-overload]
+    return cast(type[Choice], members)
 
 
-DatasetName = _choices("DatasetName", DATASETS)
+if TYPE_CHECKING:
+    class DatasetName(Choice): ...
+else:
+    DatasetName = _choices("DatasetName", DATASETS)
 
 
 ModelOpt = Annotated[str | None, typer.Option(
@@ -161,6 +175,8 @@ def validate(
     write_card: Annotated[bool, typer.Option("--write-card", help="Write CKPT.card.json beside the "
                                              "checkpoint.")] = False,
     as_json: JsonOpt = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda, for the --min-accuracy measurement.")] = "cpu",
+    precision: PrecisionOpt = None,
 ) -> None:
     """Check that weights are a healthy ResNet/ResNeXt: architecture, head, load, numerics, accuracy."""
     from .card import sidecar_path
@@ -178,6 +194,8 @@ def validate(
     report = validate_checkpoint(
         path, arch=arch, classes=classes, dataset=dataset.value if dataset else None, data_dir=data_dir,
         split=split, limit=limit, min_accuracy=min_accuracy, allow_pickle=allow_pickle, batch_size=batch_size,
+        **({"device": device, "precision": _value(precision or "fp32")}
+           if device != "cpu" or precision is not None else {}),
     )
     if write_card and report.card is not None:
         report.card.save(sidecar_path(path))
@@ -196,7 +214,10 @@ def validate(
 # --- eval / predict / benchmark (issue 4) ---------------------------------------------------------
 
 # --backend: "auto" and every backend of the registry (toolkit/runtime/registry.py BACKENDS)
-BackendName = _choices("BackendName", ("auto", *BACKENDS))
+if TYPE_CHECKING:
+    class BackendName(Choice): ...
+else:
+    BackendName = _choices("BackendName", ("auto", *BACKENDS))
 
 
 class DeviceName(str, Enum):
@@ -214,12 +235,13 @@ BackendOpt = Annotated[BackendName, typer.Option(help="Runtime; auto picks the a
 DeviceOpt = Annotated[DeviceName, typer.Option(help="Where to run the model.")]
 
 
-def _runner_spec(model: str, backend: Any, device: DeviceName, allow_pickle: bool) -> Any:
+def _runner_spec(model: str, backend: Any, device: DeviceName, allow_pickle: bool,
+                 extra: dict[str, Any] | None = None) -> Any:
     """What to open (engines open it where the work runs: here, or in each Ray replica)."""
     from .engines import RunnerSpec
     from .runtime.registry import detect_format
 
-    options = {}
+    options = dict(extra or {})
     if allow_pickle:
         if detect_format(model) != "checkpoint":
             raise UsageError("--allow-pickle applies to checkpoints only (other formats hold no pickles)")
@@ -227,8 +249,76 @@ def _runner_spec(model: str, backend: Any, device: DeviceName, allow_pickle: boo
     return RunnerSpec(model, backend.value, device.value, options)
 
 
-def _open_runner(model: str, backend: Any, device: DeviceName, allow_pickle: bool) -> Any:
-    return _runner_spec(model, backend, device, allow_pickle).open()
+def _open_runner(model: str, backend: Any, device: DeviceName, allow_pickle: bool,
+                 extra: dict[str, Any] | None = None) -> Any:
+    return _runner_spec(model, backend, device, allow_pickle, extra).open()
+
+
+# --- GPU speed options (issue 12): typed options of the torch/torchscript/onnxruntime runners -------
+RunPrecision = _choices("RunPrecision", ("fp32", "fp16", "bf16"))
+CompileMode = _choices("CompileMode", ("default", "reduce-overhead", "max-autotune"))
+PrecisionOpt = Annotated[RunPrecision | None, typer.Option(
+    help="torch/torchscript: compute in fp32, fp16 or bf16 (weights cast once; eval checks fp16/bf16 "
+    "against fp32 on a sample). Default: fp32.")]
+CudaGraphsOpt = Annotated[bool, typer.Option("--cuda-graphs", help="torch/torchscript on cuda: capture a "
+                                             "CUDA graph per batch shape (the last batch padded).")]
+CompileOpt = Annotated[CompileMode | None, typer.Option(
+    "--compile", help="torch: torch.compile the model (fixed batch shapes; eager if it cannot compile).")]
+CompileCacheOpt = Annotated[Path | None, typer.Option(
+    help="--compile: inductor's cache folder, reused by later runs. Default: "
+    "~/.cache/resnet-toolkit/inductor.")]
+TrtOpt = Annotated[bool, typer.Option("--trt", help="onnxruntime on cuda: ONNX Runtime's TensorRT execution "
+                                      "provider (engines cached in --trt-cache).")]
+TrtCacheOpt = Annotated[Path | None, typer.Option(help="--trt: engine cache folder. Default: "
+                                                  "~/.cache/resnet-toolkit/ort-trt.")]
+WorkersOpt = Annotated[int | None, typer.Option(min=1, help="Threads that decode image files. Default: every "
+                                                "core.")]
+
+
+def _gpu_options(precision: Any = None, cuda_graphs: bool = False, compile: Any = None,
+                 compile_cache: Path | None = None, trt: bool = False, trt_cache: Path | None = None,
+                 batch_size: int | None = None) -> dict[str, Any]:
+    """The runner options the user set (only those, so other backends are not offered them)."""
+    options: dict[str, Any] = {}
+    if precision is not None:
+        options["precision"] = _value(precision)
+    if cuda_graphs:
+        options["cuda_graphs"] = True
+    if compile is not None:
+        options["compile"] = _value(compile)
+        if compile_cache is not None:
+            options["compile_cache"] = str(compile_cache)
+    elif compile_cache is not None:
+        raise UsageError("--compile-cache applies with --compile")
+    if (cuda_graphs or compile is not None) and batch_size:
+        options["batch_size"] = batch_size  # the fixed shape, warmed up and captured at load
+    if trt:
+        options["use_tensorrt"] = True
+        if trt_cache is not None:
+            options["trt_cache"] = str(trt_cache)
+    elif trt_cache is not None:
+        raise UsageError("--trt-cache applies with --trt")
+    return options
+
+
+def _precision_check(spec: Any, report: Any, batch_size: int, as_json: bool) -> dict[str, Any] | None:
+    """fp16/bf16 eval: top-1 agreement with fp32 on a sample, as an export's verification reports it."""
+    import dataclasses
+
+    from .evaluate import precision_agreement
+
+    if spec.options.get("precision", "fp32") == "fp32" or report.data is None:
+        return None
+    fast = ("precision", "cuda_graphs", "compile", "compile_cache", "batch_size")
+    reference = dataclasses.replace(spec, options={k: v for k, v in spec.options.items() if k not in fast})
+    with reference.open() as runner:
+        check = precision_agreement(runner, report, batch_size=batch_size)
+    if not as_json:
+        console(stderr=True).print(
+            f"{report.precision} vs fp32 on {check['num_samples']} images: top-1 agreement "
+            f"{check['top1_agreement']:.2%}, accuracy {check['reference_accuracy']:.2%} -> "
+            f"{check['accuracy']:.2%}", style="dim")
+    return check
 
 
 # --engine and its options (issue 13): toolkit/engines/ is the registry of engine names
@@ -250,6 +340,11 @@ def _engine_options(address: str | None, replicas: int | None, shard_size: int |
     return {name: value for name, value in given.items() if value is not None}
 
 
+def _engine_label(spec: Any, engine: Any) -> str:
+    """What the progress bar names: the backend, and the engine when it is not the local one."""
+    return spec.backend_name() + ("" if engine.value == DEFAULT_ENGINE else f" on {engine.value}")
+
+
 def _unreadable(errors: list[dict[str, str]], total: int) -> None:
     """Exit 1 after the outputs are written when some images could not be read (error rows)."""
     if errors:
@@ -267,7 +362,7 @@ def eval_command(
     split: Annotated[str, typer.Option(help="Dataset split for CIFAR: test or train.")] = "test",
     download: Annotated[bool, typer.Option("--download", help="Fetch CIFAR into --data-dir if "
                                            "missing.")] = False,
-    backend: BackendOpt = BackendName.auto,
+    backend: BackendOpt = BackendName["auto"],
     device: DeviceOpt = DeviceName.cpu,
     batch_size: BatchOpt = 256,
     limit: LimitOpt = None,
@@ -280,6 +375,13 @@ def eval_command(
     address: AddressOpt = None,
     replicas: ReplicasOpt = None,
     shard_size: ShardSizeOpt = None,
+    precision: PrecisionOpt = None,
+    cuda_graphs: CudaGraphsOpt = False,
+    compile: CompileOpt = None,
+    compile_cache: CompileCacheOpt = None,
+    trt: TrtOpt = False,
+    trt_cache: TrtCacheOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Accuracy, top-5, per-class precision/recall/F1, confusion matrix and speed of any model artifact."""
     from .engines import get_engine
@@ -289,15 +391,22 @@ def eval_command(
         if model:
             raise UsageError("--dataset is required with -m: cifar10, cifar100, folder (with --data-dir) "
                              "or sample")
-        dataset = DatasetName.sample
+        dataset = DatasetName["sample"]
     path = resolve_model(model)
     run = get_engine(engine.value)
     data = run.load_dataset(dataset.value, data_dir, split, download).subset(limit)
-    spec = _runner_spec(path, backend, device, allow_pickle)
-    with progress_bar(len(data), f"eval ({engine.value})", enabled=False if as_json else None) as advance:
+    spec = _runner_spec(path, backend, device, allow_pickle,
+                        _gpu_options(precision, cuda_graphs, compile, compile_cache, trt, trt_cache,
+                                     batch_size))
+    local = {} if workers is None else {"workers": workers}
+    if local and engine.value != "local":
+        raise UsageError("--workers applies to --engine local (Ray Data decodes in its own tasks)")
+    with progress_bar(len(data), f"eval {_engine_label(spec, engine)}",
+                      enabled=False if as_json else None) as advance:
         result = run.evaluate(spec, data, batch_size=batch_size, progress=advance, output_dir=output_dir,
-                              **_engine_options(address, replicas, shard_size))
+                              **_engine_options(address, replicas, shard_size), **local)
     report = result.report
+    check = _precision_check(spec, report, batch_size, as_json)
     written = {}
     if output_dir is not None:
         from .engines.shards import set_aside
@@ -305,7 +414,7 @@ def eval_command(
         with set_aside(output_dir):  # --engine ray's predictions/ shards outlive the report's swap
             written = write_eval_outputs(report, output_dir)
     if as_json:
-        print_json(report.to_dict())
+        print_json({**report.to_dict(), **({"precision_check": check} if check else {})})
         return _unreadable(result.errors, len(data))
 
     render_eval(report, console())
@@ -324,7 +433,7 @@ def predict_command(
                                        "image.")] = 5,
     fmt: Annotated[PredictFormat, typer.Option("--format", "-f", help="Output format.")] = (
         PredictFormat.table),
-    backend: BackendOpt = BackendName.auto,
+    backend: BackendOpt = BackendName["auto"],
     device: DeviceOpt = DeviceName.cpu,
     batch_size: BatchOpt = 32,
     allow_pickle: AllowPickleOpt = False,
@@ -335,6 +444,13 @@ def predict_command(
     address: AddressOpt = None,
     replicas: ReplicasOpt = None,
     shard_size: ShardSizeOpt = None,
+    precision: PrecisionOpt = None,
+    cuda_graphs: CudaGraphsOpt = False,
+    compile: CompileOpt = None,
+    compile_cache: CompileCacheOpt = None,
+    trt: TrtOpt = False,
+    trt_cache: TrtCacheOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Classify images: class names and softmax probabilities. Exit 1 if any input could not be read."""
     from .engines import get_engine
@@ -344,10 +460,16 @@ def predict_command(
     items = run.gather(inputs, sys.stdin if "-" in inputs else None)
     if not items:
         raise UsageError("no inputs: pass image files, folders, globs, or - with paths on stdin")
-    spec = _runner_spec(resolve_model(model), backend, device, allow_pickle)
-    with progress_bar(len(items), f"predict ({engine.value})") as advance:
+    spec = _runner_spec(resolve_model(model), backend, device, allow_pickle,
+                        _gpu_options(precision, cuda_graphs, compile, compile_cache, trt, trt_cache,
+                                     batch_size))
+    local = {} if workers is None else {"workers": workers}
+    if local and engine.value != "local":
+        raise UsageError("--workers applies to --engine local (Ray Data decodes in its own tasks)")
+    with progress_bar(len(items), f"predict {_engine_label(spec, engine)}") as advance:
         results = run.predict(spec, items, top_k=top_k, batch_size=batch_size, progress=advance,
-                              output_dir=output_dir, **_engine_options(address, replicas, shard_size))
+                              output_dir=output_dir, **_engine_options(address, replicas, shard_size),
+                              **local)
     if fmt is PredictFormat.json:
         print_json(results)
     elif fmt is PredictFormat.csv:
@@ -368,30 +490,32 @@ def predict_command(
 @handles_errors
 def benchmark_command(
     model: ModelOpt = None,
-    formats: Annotated[Optional[list[str]], typer.Option("--formats", help="Formats to try (repeat or comma-"
+    formats: Annotated[list[str] | None, typer.Option("--formats", help="Formats to try (repeat or comma-"
                        "separate): torch, torchscript, onnx, openvino, tensorrt. Default: all.")] = None,
-    precisions: Annotated[Optional[list[str]], typer.Option("--precisions", help="fp32, fp16, int8 (repeat or "
+    precisions: Annotated[list[str] | None, typer.Option("--precisions", help="fp32, fp16, int8 (repeat or "
                           "comma-separate). Default: all.")] = None,
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
     limit: LimitOpt = None,
-    batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time for throughput (comma-separated).")] = "32,128",
+    batch_sizes: Annotated[str, typer.Option(
+        help="Batch sizes to time for throughput (comma-separated).")] = "32,128",
     device: DeviceOpt = DeviceName.cpu,
-    output_dir: Annotated[Optional[Path], typer.Option(help="Keep the exported artifacts, benchmark.json "
-                                                       "and the accuracy-vs-throughput PNG here.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Keep the exported artifacts, benchmark.json "
+                                                    "and the accuracy-vs-throughput PNG here.")] = None,
     allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export one checkpoint to every format x precision it can, verify, evaluate and time each."""
     from export.benchmark import run_benchmark
 
-    def split_list(values: Optional[list[str]]) -> list[str] | None:
+    def split_list(values: list[str] | None) -> list[str] | None:
         return [v.strip() for value in values for v in value.split(",") if v.strip()] if values else None
 
     if dataset is None:
         if model:
-            raise UsageError("--dataset is required with -m: cifar10, cifar100, folder (with --data-dir) or sample")
-        dataset = DatasetName.sample
+            raise UsageError("--dataset is required with -m: cifar10, cifar100, folder (with --data-dir) "
+                             "or sample")
+        dataset = DatasetName["sample"]
     try:
         sizes = [int(v) for v in batch_sizes.split(",") if v.strip()]
     except ValueError:
@@ -422,7 +546,7 @@ def compare_command(
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
     split: Annotated[str, typer.Option(help="Dataset split for CIFAR: test or train.")] = "test",
-    backend: BackendOpt = BackendName.auto,
+    backend: BackendOpt = BackendName["auto"],
     device: DeviceOpt = DeviceName.cpu,
     batch_size: BatchOpt = 256,
     limit: LimitOpt = None,
@@ -448,7 +572,7 @@ def compare_command(
                 progress_bar(len(data), f"{label}: eval {runner.backend}",
                              enabled=False if as_json else None) as advance:
             reports.append(evaluate(runner, data, batch_size=batch_size, progress=advance))
-    comparison = compare_reports(*reports)
+    comparison = compare_reports(reports[0], reports[1])
     written = write_compare_outputs(comparison, output_dir) if output_dir is not None else {}
     if as_json:
         print_json(comparison.to_dict())
@@ -464,38 +588,51 @@ def compare_command(
 @handles_errors
 def serve_command(
     model: ModelOpt = None,
-    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(
+        help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free port).")] = 8000,
-    name: Annotated[Optional[str], typer.Option(help="Model name on the wire. Default: the file stem.")] = None,
+    name: Annotated[str | None, typer.Option(help="Model name on the wire. Default: the file stem.")] = None,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Most images per runner call.")] = 32,
-    max_delay_ms: Annotated[float, typer.Option(min=0, help="Hold a batch open this long for more requests "
-                                                "(0: batch whatever queued while the model was busy).")] = 0.0,
-    max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting beyond this get 503 + Retry-After.")] = 256,
+    max_delay_ms: Annotated[float, typer.Option(
+        min=0, help="Hold a batch open this long for more requests "
+        "(0: batch whatever queued while the model was busy).")] = 0.0,
+    max_queue: Annotated[int, typer.Option(
+        min=1, help="Requests waiting beyond this get 503 + Retry-After.")] = 256,
     timeout_s: Annotated[float, typer.Option(min=0.001, help="A request waiting longer gets 504.")] = 30.0,
-    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body; larger gets 413.")] = 16.0,
-    max_pixels: Annotated[int, typer.Option(min=1, help="Largest image (width x height); larger gets 413.")] = 50_000_000,
-    api_key: Annotated[Optional[str], typer.Option(envvar="TOOLKIT_API_KEY", help="Require 'Authorization: Bearer "
-                                                   "KEY' or 'X-API-Key: KEY' (health endpoints stay open).")] = None,
-    backend: BackendOpt = BackendName.auto,
+    max_body_mb: Annotated[float, typer.Option(
+        min=0.001, help="Largest request body; larger gets 413.")] = 16.0,
+    max_pixels: Annotated[int, typer.Option(
+        min=1, help="Largest image (width x height); larger gets 413.")] = 50_000_000,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="TOOLKIT_API_KEY",
+        help="Require 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (health endpoints stay open).")] = None,
+    backend: BackendOpt = BackendName["auto"],
     device: DeviceOpt = DeviceName.cpu,
     workers: Annotated[int, typer.Option(min=1, help="Threads that decode and preprocess images.")] = 2,
     max_connections: Annotated[int, typer.Option(min=1, help="Open connections; more get 503.")] = 512,
     read_timeout_s: Annotated[float, typer.Option(min=0.1, help="Headers must arrive within this, and the "
                                                   "body within 3x this; slower gets 408.")] = 10.0,
-    grpc_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="v2 gRPC port (Triton's "
-                                                     "GRPCInferenceService; 0: none). Default: 8001.")] = None,
+    grpc_port: Annotated[int | None, typer.Option(min=0, max=65535, help="v2 gRPC port (Triton's "
+                                                  "GRPCInferenceService; 0: none). Default: 8001.")] = None,
     reject_nonfinite: Annotated[bool, typer.Option(help="Answer 400 to v2 inputs holding NaN/Inf (Triton "
                                                    "accepts them).")] = False,
     allow_pickle: AllowPickleOpt = False,
+    precision: PrecisionOpt = None,
+    cuda_graphs: CudaGraphsOpt = False,
+    trt: TrtOpt = False,
+    trt_cache: TrtCacheOpt = None,
 ) -> None:
-    """Serve MODEL over HTTP: /predict, /evaluate, Open Inference Protocol v2 (KServe/Triton), /metrics, a page."""
+    """Serve MODEL over HTTP: /predict, /evaluate, Open Inference Protocol v2 (KServe/Triton), \
+/metrics, a page."""  # one line in `toolkit --help` (rich mode keeps a docstring's line breaks)
     from serve.config import ServeConfig
     from serve.server import serve
 
     path = resolve_model(model)
     wire_name = name or (path.rstrip("/").rsplit("/", 1)[-1] if path.startswith("http") else Path(path).stem)
     grpc = _grpc_port(grpc_port)
-    runner = _open_runner(path, backend, device, allow_pickle)
+    runner = _open_runner(path, backend, device, allow_pickle,
+                          _gpu_options(precision, cuda_graphs, trt=trt, trt_cache=trt_cache,
+                                       batch_size=max_batch_size))
     config = ServeConfig(name=wire_name, host=host, port=port, max_batch_size=max_batch_size,
                          max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_s=timeout_s,
                          max_body_mb=max_body_mb, max_pixels=max_pixels, api_key=api_key or None,
@@ -503,7 +640,8 @@ def serve_command(
                          header_timeout_s=read_timeout_s, body_timeout_s=3 * read_timeout_s,
                          grpc_port=grpc, reject_nonfinite=reject_nonfinite)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        console(stderr=True).print(f"[yellow]warning:[/] serving on {host} without --api-key", highlight=False)
+        console(stderr=True).print(f"[yellow]warning:[/] serving on {host} without --api-key",
+                                   highlight=False)
     console(stderr=True).print(f"serving {wire_name} ({runner.backend}) on http://{host}:{port}/  "
                                f"v2: /v2/models/{wire_name}" + (f"  gRPC: {host}:{grpc}" if grpc else ""),
                                style="dim")
@@ -533,22 +671,28 @@ def _grpc_port(asked: int | None) -> int:
 # --- export and info ------------------------------------------------------------------------------
 
 # Choices come from toolkit/names.py, the one list the export pipeline is keyed by.
-ExportFormat = _choices("ExportFormat", EXPORT_FORMATS)
-Precision = _choices("Precision", EXPORT_PRECISIONS)
-CalibMethod = _choices("CalibMethod", CALIB_METHODS)
+if TYPE_CHECKING:
+    class ExportFormat(Choice): ...
+    class Precision(Choice): ...
+    class CalibMethod(Choice): ...
+else:
+    ExportFormat = _choices("ExportFormat", EXPORT_FORMATS)
+    Precision = _choices("Precision", EXPORT_PRECISIONS)
+    CalibMethod = _choices("CalibMethod", CALIB_METHODS)
 
 
 @app.command()
 @handles_errors
 def export(
     model: ModelOpt = None,
-    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="Artifact to write.")] = "onnx",
+    format: Annotated[ExportFormat, typer.Option(
+        "--format", "-f", help="Artifact to write.")] = ExportFormat["onnx"],
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Destination file, or an existing folder to write <stem>.<ext> in "
         "(for triton: the model repository). Default: beside the checkpoint (model.pt -> model.onnx, "
         "model.int8.onnx, model.ts).")] = None,
     precision: Annotated[Precision, typer.Option(
-        help="fp16/int8 live in the ONNX itself (also the TensorRT path).")] = "fp32",
+        help="fp16/int8 live in the ONNX itself (also the TensorRT path).")] = Precision["fp32"],
     opset: Annotated[int | None, typer.Option(
         help="ONNX opset (18+ uses the dynamo exporter, older the legacy one). "
         "Default: 18; 19 for int8.")] = None,
@@ -560,7 +704,7 @@ def export(
     data_dir: DataDirOpt = None,
     calib_size: Annotated[int, typer.Option(
         min=1, help="Calibration images (class-balanced, seeded).")] = 512,
-    calib_method: Annotated[CalibMethod, typer.Option(help="int8 range estimation.")] = "minmax",
+    calib_method: Annotated[CalibMethod, typer.Option(help="int8 range estimation.")] = CalibMethod["minmax"],
     verify: Annotated[bool, typer.Option(
         "--verify/--no-verify", help="Check the artifact against eager PyTorch.")] = True,
     verify_samples: Annotated[int, typer.Option(min=1, help="Images used by the parity check.")] = 512,
@@ -634,7 +778,8 @@ def _given(**options: Any) -> dict[str, Any]:
 @app.command()
 @handles_errors
 def info(model: ModelOpt = None, as_json: JsonOpt = False) -> None:
-    """Print the card and the facts of any model file: format, precision, shapes, opset/TensorRT version, size."""
+    """Print the card and the facts of any model file: format, precision, shapes, opset/TensorRT \
+version, size."""  # one line in `toolkit --help` (rich mode keeps a docstring's line breaks)
     from .artifacts import describe_artifact
 
     facts = describe_artifact(resolve_model(model))

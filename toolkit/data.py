@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 
@@ -31,7 +31,20 @@ from .preprocess import preprocess
 
 SAMPLE_DIR = Path(__file__).parent / "sample" / "digits-batches-py"
 
-CIFAR = {
+class CifarSpec(TypedDict):
+    """Where one CIFAR release keeps what, in its official python format."""
+
+    folder: str
+    train: list[str]  # glob patterns of the batches
+    test: list[str]
+    meta: str
+    label_key: str
+    names_key: str
+    url: str
+    md5: str
+
+
+CIFAR: dict[str, CifarSpec] = {
     "cifar10": {
         "folder": "cifar-10-batches-py",
         "train": ["data_batch_*"],  # five in the official release; the sample has one
@@ -322,9 +335,10 @@ def load_cifar(root: str | Path, name: str = "cifar10", split: str = "test",
     spec = CIFAR[name]
     meta_path = folder / spec["meta"]
     names = _class_names(safe_unpickle(meta_path), spec["names_key"], meta_path)
-    files = [p for pattern in spec[split] for p in sorted(folder.glob(pattern))]
+    patterns = spec["train"] if split == "train" else spec["test"]
+    files = [p for pattern in patterns for p in sorted(folder.glob(pattern))]
     if not files:
-        raise DataError(f"{folder}: no {split} batches ({', '.join(spec[split])})")
+        raise DataError(f"{folder}: no {split} batches ({', '.join(patterns)})")
     images, labels = [], []
     for path in files:
         batch_images, batch_labels = read_cifar_batch(path, spec["label_key"])

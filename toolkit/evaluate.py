@@ -118,11 +118,12 @@ def iterate_logits(runner: Runner, dataset: Dataset, batch_size: int = 256, *,
     timing = timing if timing is not None else LoopTiming()
     start = time.perf_counter()
     model_seconds = first_model_seconds = 0.0
+    pool = {} if workers is None else {"workers": workers}  # Dataset subclasses may not take it
     if runner.accepts_uint8:
-        source: Iterable[Any] = dataset.uint8_batches(runner.card, batch_size, workers, device=runner.device)
+        source: Iterable[Any] = dataset.uint8_batches(runner.card, batch_size, device=runner.device, **pool)
         call: Callable[[Any], np.ndarray] = runner.run_uint8
     else:
-        source, call = dataset.batches(runner.card, batch_size, workers), runner
+        source, call = dataset.batches(runner.card, batch_size, **pool), runner
     for batch in prefetched(source, prefetch_depth):
         began = time.perf_counter()
         logits = call(batch)
@@ -281,6 +282,23 @@ def evaluate(runner: Runner, dataset: Dataset, batch_size: int = 256,
         predictions=predictions, confidences=confidences, true_probabilities=true_probabilities,
         calibration=calibration, data=data,
     )
+
+
+def precision_agreement(reference: Runner, report: EvalReport, *, limit: int = 512,
+                        batch_size: int = 256) -> dict[str, Any]:
+    """A reduced-precision eval judged against `reference` (its fp32 runner) on the first `limit`
+    images, as an export's verification judges fp16: top-1 agreement and both accuracies."""
+    if report.data is None:
+        raise DataError("the report keeps no inputs to compare on")
+    data = report.data.subset(limit)
+    ref = collect_logits(reference, data, batch_size)
+    n = len(ref)
+    predicted = report.predictions[:n]
+    labels = report.labels[:n]
+    return {"reference_precision": reference.precision, "precision": report.precision, "num_samples": n,
+            "top1_agreement": float((ref.argmax(1) == predicted).mean()) if n else 1.0,
+            "reference_accuracy": top1_accuracy(ref, labels), "accuracy": float((predicted == labels).mean())
+            if n else 0.0}
 
 
 # --- predict -----------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def clean_stale(destination: str | Path, kind: str) -> list[Path]:
     """
     destination = Path(destination)
     pattern = _leftovers(destination, kind)
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(destination.parent.iterdir())
     except OSError:

@@ -14,7 +14,7 @@ import io
 import threading
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -72,6 +72,7 @@ def decode_image(source: str | Path | bytes, *, draft_size: tuple[int, int] | No
 
     _pil()
     label = name or (str(source) if not isinstance(source, bytes) else "image")
+    handle: BinaryIO
     try:
         if isinstance(source, bytes):
             handle = io.BytesIO(source)
@@ -89,8 +90,8 @@ def decode_image(source: str | Path | bytes, *, draft_size: tuple[int, int] | No
                 image.draft("RGB", draft_size)
             image.seek(0)
             image.load()
-            image = ImageOps.exif_transpose(image) or image
-            return _to_rgb(image)
+            upright = ImageOps.exif_transpose(image) or image
+            return _to_rgb(upright)
     except ToolkitError:
         raise
     except Image.DecompressionBombError as exc:

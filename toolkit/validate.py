@@ -86,8 +86,11 @@ def validate_checkpoint(
     min_accuracy: float | None = None,
     allow_pickle: bool = False,
     batch_size: int = 128,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> ValidationReport:
-    """Run every check on a checkpoint. Usage errors (unknown --arch, bad --classes) raise."""
+    """Run every check on a checkpoint. Usage errors (unknown --arch, bad --classes) raise.
+    `device`/`precision` are where and how the accuracy gate runs (the torch runner's options)."""
     report = ValidationReport(path=str(path))
     class_names = read_class_names(classes) if classes else None
     try:
@@ -138,7 +141,8 @@ def validate_checkpoint(
         report.parameters = sum(p.numel() for p in model.parameters())
         _check_forward(model, report.card, report)
         if dataset is not None:
-            _check_accuracy(model, report, dataset, data_dir, split, limit, min_accuracy, batch_size)
+            _check_accuracy(model, report, dataset, data_dir, split, limit, min_accuracy, batch_size,
+                            device=device, precision=precision)
     report.valid = not report.errors
     return report
 
@@ -216,7 +220,8 @@ def _check_forward(model: Any, card: ModelCard, report: ValidationReport) -> Non
 
 
 def _check_accuracy(model: Any, report: ValidationReport, dataset: str, data_dir: str | Path | None,
-                    split: str, limit: int | None, min_accuracy: float | None, batch_size: int) -> None:
+                    split: str, limit: int | None, min_accuracy: float | None, batch_size: int, *,
+                    device: str = "cpu", precision: str = "fp32") -> None:
     from .data import load_dataset
     from .evaluate import collect_logits, top1_accuracy
     from .runtime.torch_runner import TorchRunner
@@ -228,7 +233,8 @@ def _check_accuracy(model: Any, report: ValidationReport, dataset: str, data_dir
     except DataError as exc:
         report.add("error", "class_mismatch", str(exc))
         return
-    runner = TorchRunner(model, report.card, source=report.path)
+    runner = TorchRunner(model, report.card, source=report.path, device=device, precision=precision)
+    assert data.labels is not None  # every --dataset is labelled (load_dataset)
     report.accuracy = top1_accuracy(collect_logits(runner, data, batch_size), data.labels)
     report.accuracy_samples = len(data)
     if min_accuracy is not None and report.accuracy < min_accuracy:

@@ -89,10 +89,11 @@ async def predict(request: Request, state: State, top_k: int = 5) -> Response:
             raise PayloadTooLargeError(f"{len(files)} images in one request; the limit is "
                                        f"{config.max_images}")
         decoded = await decode_all(state, files, normalise=True)
-        good = [i for i, value in enumerate(decoded) if isinstance(value, np.ndarray)]
+        arrays = {i: value for i, value in enumerate(decoded) if isinstance(value, np.ndarray)}
+        good = list(arrays)
         answers: dict[int, dict[str, Any]] = {}
         if good:
-            batch = decoded[good[0]] if len(good) == 1 else np.concatenate([decoded[i] for i in good])
+            batch = arrays[good[0]] if len(good) == 1 else np.concatenate(list(arrays.values()))
             timing.input_s = time.perf_counter() - began
             logits = await batcher.infer(batch, timing)
             began = time.perf_counter()

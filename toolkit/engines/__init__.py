@@ -44,6 +44,14 @@ class RunnerSpec:
 
         return open_model(self.model, backend=self.backend, device=self.device, **dict(self.options))
 
+    def backend_name(self) -> str:
+        """The backend `open` will use: `auto` resolved from the artifact's format, as open_model does."""
+        if self.backend != "auto":
+            return self.backend
+        from ..runtime.registry import detect_format, readers
+
+        return next(iter(readers(detect_format(self.model))), self.backend)
+
 
 @dataclass
 class EvalRun:

@@ -37,20 +37,22 @@ def gather(specs: Sequence[str], stdin_lines: Iterable[str] | None = None) -> li
 
 def evaluate(spec: RunnerSpec, dataset: Dataset, *, batch_size: int = 256,
              progress: Callable[[int], None] | None = None, output_dir: Path | None = None,
-             **engine_options: Any) -> EvalRun:
-    """`evaluate.evaluate` on one Runner. `output_dir` is the CLI's to write (write_eval_outputs)."""
+             workers: int | None = None, **engine_options: Any) -> EvalRun:
+    """`evaluate.evaluate` on one Runner. `output_dir` is the CLI's to write (write_eval_outputs);
+    `workers`: decode threads (default: every core)."""
     _no_engine_options(engine_options)
     with spec.open() as runner:
-        return EvalRun(_evaluate(runner, dataset, batch_size=batch_size, progress=progress))
+        return EvalRun(_evaluate(runner, dataset, batch_size=batch_size, progress=progress, workers=workers))
 
 
 def predict(spec: RunnerSpec, inputs: Sequence[PredictInput], *, top_k: int = 5, batch_size: int = 32,
             progress: Callable[[int], None] | None = None, output_dir: Path | None = None,
-            **engine_options: Any) -> list[dict[str, Any]]:
+            workers: int | None = None, **engine_options: Any) -> list[dict[str, Any]]:
     """`evaluate.predict` on one Runner; with `output_dir`, also written as prediction shards."""
     _no_engine_options(engine_options)
     with spec.open() as runner:
-        results = _predict(runner, list(inputs), top_k=top_k, batch_size=batch_size, progress=progress)
+        results = _predict(runner, list(inputs), top_k=top_k, batch_size=batch_size, progress=progress,
+                           workers=workers)
     if output_dir is not None:
         from .shards import predict_job, write_predictions
 

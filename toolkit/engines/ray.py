@@ -23,6 +23,7 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -85,6 +86,7 @@ def cluster(address: str | None = None) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
+    _check_reachable(address)
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # never let Ray re-launch workers via uv
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
     if address is None:
@@ -98,6 +100,20 @@ def cluster(address: str | None = None) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Fail in seconds, with one line, on a host:port nothing listens at (Ray itself retries for minutes)."""
+    if not address or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address}: expected auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise BackendUnavailableError(f"cannot reach the Ray cluster at {address}: "
+                                      f"{exc.strerror or type(exc).__name__}") from None
 
 
 def _quiet_ray_data(ray: Any) -> None:
@@ -360,6 +376,8 @@ def evaluate(spec: RunnerSpec, dataset: Dataset, *, batch_size: int = 256,
         store.write(shard, columns, {"errors": int((~ok).sum()), "metrics": cm_summary(metrics),
                                      "calibration": calibration_summary(calibration)})
 
+    if not store.pending():  # a rerun of a finished job: the report from its shards, no Ray needed
+        return _eval_run(store, spec, card, data, batch_size, LoopTiming())
     with cluster(address) as ray:
         started = time.perf_counter()  # the pipeline's time: a cluster's start-up is not the model's speed
         where = None if data.images is not None else [str(p) for p in data.paths]
@@ -395,7 +413,7 @@ def _eval_run(store: ShardStore, spec: RunnerSpec, card: ModelCard, data: Datase
                     None if data.images is None else data.images[kept],
                     [data.paths[i] for i in kept] if data.images is None else [])
     report = EvalReport(
-        metrics=metrics, class_names=card.class_names, model=spec.model, backend=f"ray/{spec.backend}",
+        metrics=metrics, class_names=card.class_names, model=spec.model, backend=spec.backend_name(),
         device=spec.device, precision=str(spec.options.get("precision", "fp32")), dataset=data.name,
         batch_size=batch_size, timing=timing, ids=[n for n, fine in zip(rows["input"], keep) if fine],
         labels=column("label", np.int64, position.__getitem__),
@@ -435,6 +453,8 @@ def predict(spec: RunnerSpec, inputs: Sequence[PredictInput], *, top_k: int = 5,
 
     locations = [sources.location(item) for item in items]
     errors = [item.error or "" for item in items]
+    if not store.pending():  # a rerun of a finished job: answered from its shards, no Ray needed
+        return predict_results(store.read())
     with cluster(address) as ray:
         tables = _row_tables(store, locations, errors, batch_size)
         blocks = _stream(ray, spec, card, tables, images=None, batch_size=batch_size, replicas=replicas)

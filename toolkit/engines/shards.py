@@ -61,10 +61,15 @@ def _model_stamp(model: str) -> str:
         return "?"
 
 
+def _runner(spec: Any) -> dict[str, Any]:
+    """The model half of a job: which file (and its stamp), backend, device and runner options."""
+    return {"model": spec.model, "model_stamp": _model_stamp(spec.model), "backend": spec.backend,
+            "device": spec.device, "options": _digest(sorted(f"{k}={v}" for k, v in spec.options.items()))}
+
+
 def eval_job(spec: Any, dataset: Any, class_names: Sequence[str]) -> dict[str, Any]:
-    """What makes two eval runs the same job: model, backend, the rows (ids, labels, pixels) and classes."""
-    job = {"kind": "eval", "model": spec.model, "model_stamp": _model_stamp(spec.model),
-           "backend": spec.backend, "dataset": dataset.name, "rows": len(dataset),
+    """What makes two eval runs the same job: the runner, the rows (ids, labels, pixels) and classes."""
+    job = {"kind": "eval", **_runner(spec), "dataset": dataset.name, "rows": len(dataset),
            "ids": _digest(dataset.ids()), "labels": _digest(np.asarray(dataset.labels).tolist()),
            "classes": _digest(class_names)}
     if dataset.images is not None:
@@ -73,8 +78,7 @@ def eval_job(spec: Any, dataset: Any, class_names: Sequence[str]) -> dict[str, A
 
 
 def predict_job(spec: Any, inputs: Sequence[Any], top_k: int) -> dict[str, Any]:
-    return {"kind": "predict", "model": spec.model, "model_stamp": _model_stamp(spec.model),
-            "backend": spec.backend, "rows": len(inputs), "ids": _digest(i.name for i in inputs),
+    return {"kind": "predict", **_runner(spec), "rows": len(inputs), "ids": _digest(i.name for i in inputs),
             "top_k": int(top_k)}
 
 

@@ -118,8 +118,11 @@ class TorchRunner(Runner):
         if cast == "autocast" and precision != "fp32":
             self._forward = functools.partial(_autocast_call, self.model, self._device.type,
                                               torch_dtype(precision))
+        self._eager: dict[str, Callable[[Any], Any]] = {"uint8": self._from_uint8, "float": self._from_float}
+        self._steps = dict(self._eager)
+        self._pending: set[str] = set()  # compiled steps not yet run: the first call compiles
         if compile is not None:
-            self._forward = self._compiled(compile, compile_cache)
+            self._steps, self._pending = self._compiled(compile, compile_cache), set(self._eager)
         self._fixed: int | None = batch_size if (cuda_graphs or compile) else None
         self._graphs: dict[tuple[str, tuple[int, ...]], Any] = {}
         self._seen: set[tuple[str, tuple[int, ...]]] = set()
@@ -141,8 +144,10 @@ class TorchRunner(Runner):
                                           f"{first_line(exc)}") from None
         return model.eval()
 
-    def _compiled(self, mode: str, cache: str | Path | None) -> Callable[[Any], Any]:
-        """torch.compile with inductor's cache in a folder the next run reuses; eager if it cannot."""
+    def _compiled(self, mode: str, cache: str | Path | None) -> dict[str, Callable[[Any], Any]]:
+        """torch.compile of each input path (uint8 -> normalise -> model, float -> model: the
+        normalisation fuses into the compiled graph), with inductor's cache in a folder the next run
+        reuses; eager if it cannot."""
         torch = self._torch
         folder = Path(cache) if cache is not None else default_compile_cache()
         try:
@@ -152,16 +157,16 @@ class TorchRunner(Runner):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # read when inductor first compiles
         self.compile_cache = folder
         try:
-            return torch.compile(self.model, mode=None if mode == "default" else mode, dynamic=False)
+            return {kind: torch.compile(step, mode=None if mode == "default" else mode, dynamic=False)
+                    for kind, step in self._eager.items()}
         except Exception as exc:  # noqa: BLE001 - unsupported platform/Python: fall back, say why
-            return self._compile_failed(exc)
+            self._compile_failed(exc)
+            return dict(self._eager)
 
-    def _compile_failed(self, exc: BaseException) -> Callable[[Any], Any]:
+    def _compile_failed(self, exc: BaseException) -> None:
         self.compile_status = f"fell back to eager: {first_line(exc)}"
         log.warning("warning: torch.compile is not possible here (%s); running eager", first_line(exc))
-        self._forward = self.model
-        self._graphs.clear()
-        return self.model
+        self._steps, self._pending = dict(self._eager), set()
 
     def _warm_up(self, calls: int, batch_size: int | None) -> None:
         """Run the model before anyone times it: kernels chosen, memory pools grown, graphs captured.
@@ -187,19 +192,21 @@ class TorchRunner(Runner):
         memory_format = self._torch.channels_last if self.channels_last else self._torch.contiguous_format
         return self._forward(batch.to(dtype=self._dtype, memory_format=memory_format))
 
-    def _execute(self, kind: str, x: Any, step: Callable[[Any], Any]) -> np.ndarray:
-        """Run `step` on device tensor `x` at the fixed shape (padding/splitting), graph-captured if asked."""
+    def _execute(self, kind: str, x: Any) -> np.ndarray:
+        """Run the `kind` step on device tensor `x` at the fixed shape (padding/splitting), graph-captured
+        if asked."""
         torch = self._torch
         n = len(x)
         fixed = self._fixed
         if fixed is None and (self.cuda_graphs or self.compile_mode):
             fixed = self._fixed = n
         if fixed is not None and n > fixed:
-            return np.concatenate([self._execute(kind, x[i:i + fixed], step) for i in range(0, n, fixed)])
+            return np.concatenate([self._execute(kind, x[i:i + fixed]) for i in range(0, n, fixed)])
         with torch.inference_mode():
             if fixed is not None and n < fixed:
                 x = torch.cat([x, x[-1:].expand(fixed - n, *x.shape[1:])])
             key = (kind, tuple(x.shape))
+            step = self._steps[kind]
             if key not in self._seen:
                 self._seen.add(key)
                 for _ in range(self.profiling_calls):
@@ -208,23 +215,25 @@ class TorchRunner(Runner):
                 graph = self._graphs.get(key) or self._graphs.setdefault(key, _Graph(torch, step, x))
                 out = graph(x)
             else:
-                out = self._guarded(step, x)
+                out = self._guarded(kind, x)
             return out[:n].float().cpu().numpy()
 
-    def _guarded(self, step: Callable[[Any], Any], x: Any) -> Any:
-        if self.compile_status != "pending":
-            return step(x)
+    def _guarded(self, kind: str, x: Any) -> Any:
+        """The step; its first compiled call compiles, and a failure there falls back to eager."""
+        if kind not in self._pending:
+            return self._steps[kind](x)
         try:
-            out = step(x)
+            out = self._steps[kind](x)
         except Exception as exc:  # noqa: BLE001 - inductor/triton/C++ compiler missing: eager is correct
             self._compile_failed(exc)
-            return step(x)
+            return self._steps[kind](x)
+        self._pending.discard(kind)
         self.compile_status = "compiled"
         return out
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         x = self._torch.from_numpy(batch).to(self._device)
-        return self._execute("float", x, self._from_float)
+        return self._execute("float", x)
 
     def run_uint8(self, images: Any) -> np.ndarray:
         """uint8 NHWC (numpy on the host, or a tensor already on this device) -> logits; normalised here."""
@@ -243,7 +252,7 @@ class TorchRunner(Runner):
         else:
             raise InputError("expected uint8 images as a numpy array or torch tensor, "
                              f"got {type(images).__name__}")
-        return self._checked_output(self._execute("uint8", x, self._from_uint8), len(images))
+        return self._checked_output(self._execute("uint8", x), len(images))
 
     # --- opening ----------------------------------------------------------------------------------
 
