@@ -322,7 +322,10 @@ def _precision_check(spec: Any, report: Any, batch_size: int, as_json: bool) -> 
 
 
 # --engine and its options (issue 13): toolkit/engines/ is the registry of engine names
-EngineName = _choices("EngineName", ENGINES)
+if TYPE_CHECKING:
+    class EngineName(Choice): ...
+else:
+    EngineName = _choices("EngineName", ENGINES)
 EngineOpt = Annotated[EngineName, typer.Option(help="Where the work runs: local (this process) or ray (Ray "
                                                "Data on a local or existing Ray cluster; resumable).")]
 AddressOpt = Annotated[str | None, typer.Option(help="--engine ray: the cluster to join, 'auto' (RAY_ADDRESS "
