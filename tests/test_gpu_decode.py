@@ -236,7 +236,7 @@ def test_ort_providers_for_trt_and_missing_providers(tmp_path):
         providers_for("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"], True)
     with pytest.raises(BackendUnavailableError, match="onnxruntime-gpu"):
         providers_for("cuda", ["CPUExecutionProvider"], None)
-    with pytest.raises(BackendUnavailableError, match="--trt needs --device cuda"):
+    with pytest.raises(UsageError, match="--trt needs --device cuda"):
         providers_for("cpu", gpu, True)
 
 

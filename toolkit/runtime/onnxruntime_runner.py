@@ -16,7 +16,7 @@ import numpy as np
 
 from ..artifacts import ArtifactFacts, check_declared_input, read_artifact
 from ..card import ModelCard
-from ..errors import BackendUnavailableError, ModelFormatError, first_line
+from ..errors import BackendUnavailableError, ModelFormatError, UsageError, first_line
 from .base import Runner
 from .cpu import physical_cores
 
@@ -48,7 +48,7 @@ def providers_for(device: str, available: list[str], use_tensorrt: bool | None =
     `use_tensorrt=True` (`--trt`) insists on ORT's TensorRT provider; None uses it when present."""
     if not device.startswith("cuda"):
         if use_tensorrt:
-            raise BackendUnavailableError("--trt needs --device cuda (ONNX Runtime's TensorRT provider)")
+            raise UsageError("--trt needs --device cuda (ONNX Runtime's TensorRT provider)")
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in available:
         raise BackendUnavailableError(
