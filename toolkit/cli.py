@@ -20,7 +20,7 @@ import typer
 from . import __version__
 from .engines import DEFAULT_ENGINE, ENGINES
 from .errors import ToolkitError, UsageError
-from .names import CALIB_METHODS, DATASETS, EXPORT_FORMATS, EXPORT_PRECISIONS
+from .names import CALIB_METHODS, COMPILE_MODES, DATASETS, EXPORT_FORMATS, EXPORT_PRECISIONS, RUN_PRECISIONS
 from .runtime.registry import BACKENDS
 
 SAMPLE_MODEL = Path(__file__).parent / "sample" / "resnet20_digits.pt"
@@ -255,8 +255,12 @@ def _open_runner(model: str, backend: Any, device: DeviceName, allow_pickle: boo
 
 
 # --- GPU speed options (issue 12): typed options of the torch/torchscript/onnxruntime runners -------
-RunPrecision = _choices("RunPrecision", ("fp32", "fp16", "bf16"))
-CompileMode = _choices("CompileMode", ("default", "reduce-overhead", "max-autotune"))
+if TYPE_CHECKING:
+    class RunPrecision(Choice): ...
+    class CompileMode(Choice): ...
+else:
+    RunPrecision = _choices("RunPrecision", RUN_PRECISIONS)
+    CompileMode = _choices("CompileMode", COMPILE_MODES)
 PrecisionOpt = Annotated[RunPrecision | None, typer.Option(
     help="torch/torchscript: compute in fp32, fp16 or bf16 (weights cast once; eval checks fp16/bf16 "
     "against fp32 on a sample). Default: fp32.")]

@@ -14,9 +14,10 @@ import numpy as np
 
 from .card import ModelCard
 from .errors import InputError
+from .names import RUN_PRECISIONS
 from .preprocess import _affine  # the constants preprocess() itself uses
 
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = RUN_PRECISIONS  # the compute precisions a device batch can be normalised into
 
 
 def torch_dtype(precision: str) -> Any:

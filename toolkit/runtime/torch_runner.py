@@ -23,10 +23,10 @@ from ..card import ModelCard, load_sidecar, resolve_card
 from ..checkpoint import ArchInfo, LoadedCheckpoint, load_checkpoint, load_strict, resolve_architecture
 from ..device_preprocess import DTYPES, DeviceNormalizer, PinnedUploader, torch_dtype
 from ..errors import BackendUnavailableError, InputError, UsageError, first_line
+from ..names import COMPILE_MODES
 from .base import Runner
 
 log = logging.getLogger("toolkit")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def default_compile_cache() -> Path:
