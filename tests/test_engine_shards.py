@@ -20,10 +20,9 @@ from toolkit.engines.shards import (
     cm_summary,
     predict_columns,
     predict_results,
-    set_aside,
 )
 from toolkit.engines.sources import as_url
-from toolkit.errors import UsageError
+from toolkit.errors import ToolkitError, UsageError
 from toolkit.metrics import Calibration, ConfusionMatrix
 
 JOB = {"kind": "eval", "model": "m.onnx", "rows": 5}
@@ -70,19 +69,37 @@ def test_a_folder_of_another_job_is_refused_not_mixed(tmp_path):
         ShardStore(tmp_path / "x", JOB, 5, EVAL_COLUMNS, fmt="csv")
 
 
-def test_shards_survive_a_report_that_replaces_its_folder_whole(tmp_path):
+def test_shards_survive_a_report_that_replaces_its_folder_whole(tmp_path, monkeypatch, sample_test,
+                                                                sample_card):
+    """`eval --output-dir` swaps the report folder in whole; Ray's predictions/ shards carry over, and a
+    swap that fails leaves the old folder, shards included, byte for byte."""
+    import toolkit.fileio
+    from fakes.runners import ConstantRunner
+    from toolkit.evaluate import evaluate
+    from toolkit.report import write_eval_outputs
+
     out = tmp_path / "report"
     store = ShardStore(out, JOB, 1, EVAL_COLUMNS, shard_size=1, fmt="csv")
     store.write(0, eval_columns(0, 1), {"errors": 0})
-    with set_aside(out):
-        assert not (out / SHARD_DIR).exists()
-        out.rename(tmp_path / "old")  # what an atomic swap does to the folder
-        out.mkdir()
-    assert (out / SHARD_DIR / "part-00000.csv").is_file()
-    # killed while set aside: the next store puts the shards back before looking for them
-    with set_aside(out):
-        store_again = ShardStore(out, JOB, 1, EVAL_COLUMNS, shard_size=1, fmt="csv")
-        assert store_again.pending() == []
+    before = {p.name: p.read_bytes() for p in (out / SHARD_DIR).iterdir()}
+    data = sample_test.subset(20)
+    report = evaluate(ConstantRunner(sample_card, source="const"), data, batch_size=8)
+
+    write_eval_outputs(report, out, keep=(SHARD_DIR,))
+    assert (out / "metrics.json").is_file()
+    assert {p.name: p.read_bytes() for p in (out / SHARD_DIR).iterdir()} == before
+    assert ShardStore(out, JOB, 1, EVAL_COLUMNS, shard_size=1, fmt="csv").pending() == []
+
+    def broken_swap(staging, destination, **_):
+        raise OSError("simulated failure at the swap")
+
+    monkeypatch.setattr(toolkit.fileio, "swap_in", broken_swap)
+    old_metrics = (out / "metrics.json").read_bytes()
+    with pytest.raises(ToolkitError, match="simulated failure at the swap"):  # one line, not a traceback
+        write_eval_outputs(report, out, keep=(SHARD_DIR,))
+    assert {p.name: p.read_bytes() for p in (out / SHARD_DIR).iterdir()} == before
+    assert (out / "metrics.json").read_bytes() == old_metrics
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
 def test_merged_shard_summaries_equal_one_pass():

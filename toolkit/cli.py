@@ -416,10 +416,10 @@ def eval_command(
     check = _precision_check(spec, report, batch_size, as_json)
     written = {}
     if output_dir is not None:
-        from .engines.shards import set_aside
+        from .engines.shards import SHARD_DIR
 
-        with set_aside(output_dir):  # --engine ray's predictions/ shards outlive the report's swap
-            written = write_eval_outputs(report, output_dir)
+        # --engine ray's predictions/ shards outlive the report's swap
+        written = write_eval_outputs(report, output_dir, keep=(SHARD_DIR,))
     if as_json:
         print_json({**report.to_dict(), **({"precision_check": check} if check else {})})
         return _unreadable(result.errors, len(data))

@@ -12,6 +12,8 @@ import csv
 import html
 import io
 import json
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -518,30 +520,39 @@ def check_output_dir(folder: Path, expected: Iterable[str]) -> None:
 
 
 @contextlib.contextmanager
-def report_folder(folder: Path, expected: Iterable[str]) -> Iterator[Path]:
-    """Stage a report folder and swap it in whole; a full disk is one line naming the folder."""
+def report_folder(folder: Path, expected: Iterable[str], keep: Sequence[str] = ()) -> Iterator[Path]:
+    """Stage a report folder and swap it in whole; a full disk is one line naming the folder.
+
+    `keep` names sub-folders of the old folder that outlive the report (e.g. Ray's `predictions/`
+    shards): they are hard-linked into the staging folder just before the swap, so a failed or killed
+    swap still leaves the old folder, shards included, exactly as it was.
+    """
     from .errors import NoSpaceError
     from .fileio import atomic_directory
 
-    check_output_dir(folder, expected)
+    check_output_dir(folder, [*expected, *keep])
     try:
         with atomic_directory(folder, kind="report") as staging:
             yield staging
+            for name in keep:
+                if (folder / name).is_dir():
+                    shutil.copytree(folder / name, staging / name, symlinks=True, copy_function=os.link)
     except NoSpaceError:
         raise NoSpaceError(f"no space left on {folder}") from None
 
 
 def write_eval_outputs(report: EvalReport, output_dir: str | Path,
-                       gallery_limit: int = GALLERY_LIMIT) -> dict[str, Path]:
+                       gallery_limit: int = GALLERY_LIMIT, keep: Sequence[str] = ()) -> dict[str, Path]:
     """metrics.json, predictions.csv, errors.csv, confusion_matrix.csv, three PNGs and report.html.
 
     The set is written into a staging folder and swapped in whole: an interrupted or failed run leaves
-    the previous report (or nothing) at `output_dir`, never a mixture.
+    the previous report (or nothing) at `output_dir`, never a mixture. Sub-folders named in `keep`
+    carry over (see `report_folder`).
     """
     out = Path(output_dir)
     data = report.to_dict()
     names = report.class_names
-    with report_folder(out, EVAL_FILES.values()) as stage:
+    with report_folder(out, EVAL_FILES.values(), keep) as stage:
         def path(key: str) -> Path:
             return stage / EVAL_FILES[key]
 

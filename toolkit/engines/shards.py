@@ -10,14 +10,12 @@ a folder holding another job's shards is refused rather than mixed.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
 import json
 import math
-import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,37 +114,6 @@ def calibration_from_summary(summary: Mapping[str, Any]) -> Calibration:
     return calibration
 
 
-# --- shards beside a report that is replaced whole --------------------------------------------------
-
-def _aside(output_dir: Path) -> Path:
-    return output_dir.with_name(f".{output_dir.name}.{SHARD_DIR}-kept")
-
-
-def restore_set_aside(output_dir: str | Path) -> None:
-    """Put back shards that `set_aside` moved out, if a kill left them beside the folder."""
-    output_dir = Path(output_dir)
-    aside, folder = _aside(output_dir), output_dir / SHARD_DIR
-    if aside.is_dir() and not folder.exists():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        os.rename(aside, folder)
-
-
-@contextlib.contextmanager
-def set_aside(output_dir: str | Path) -> Iterator[None]:
-    """Keep `predictions/` out of `output_dir` while the eval report swaps that folder in whole
-    (report.write_eval_outputs), then move it into whichever folder is there afterwards."""
-    output_dir = Path(output_dir)
-    folder = output_dir / SHARD_DIR
-    if not folder.is_dir():
-        yield
-        return
-    os.rename(folder, _aside(output_dir))
-    try:
-        yield
-    finally:
-        restore_set_aside(output_dir)
-
-
 # --- the store ---------------------------------------------------------------------------------------
 
 class ShardStore:
@@ -165,7 +132,6 @@ class ShardStore:
         self.manifest = {"version": 1, "job": dict(job), "rows": num_rows, "shard_size": shard_size,
                          "format": fmt, "shards": self.num_shards, "columns": self.columns, "complete": False}
         if self.folder is not None:
-            restore_set_aside(self.folder.parent)
             self._open_folder()
 
     @property
