@@ -14,6 +14,7 @@ import io
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +117,7 @@ def quantize(fp32_onnx: str | Path, card: ModelCard, output: str | Path, dataset
     try:
         prepared = work / "prepared.onnx"
         quantized = work / "int8.onnx"
-        logging.getLogger("root").setLevel(logging.ERROR)  # ORT's quantizer logs through the root logger
-        with contextlib.redirect_stdout(io.StringIO()):
+        with _quiet_root_logger(), contextlib.redirect_stdout(io.StringIO()):
             try:
                 quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=True)
             except Exception:  # noqa: BLE001 - pre-processing only helps; quantise the original instead
@@ -143,6 +143,19 @@ def quantize(fp32_onnx: str | Path, card: ModelCard, output: str | Path, dataset
         return onnx_export.save(proto, card, output, facts)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ORT's quantizer logs its progress through the root logger: quiet it for the call only, so the
+    process's own warnings (and a caller's logging set-up) are unchanged afterwards."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _input_name(path: Path) -> str:

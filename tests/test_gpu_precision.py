@@ -3,6 +3,8 @@ paths (fp16, pinned uploads, CUDA graphs) are marked `gpu` and skip with their r
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -183,6 +185,7 @@ def test_compile_failure_falls_back_to_eager(sample_model, sample_test, fp32_run
         return call
 
     monkeypatch.setattr(torch, "compile", broken)
+    caplog.set_level(logging.WARNING, logger="toolkit")
     with open_model(sample_model, compile="max-autotune", compile_cache=str(tmp_path / "c")) as runner:
         logits = runner.run_uint8(sample_test.images[:8])
         assert runner.describe()["compile_status"] == "fell back to eager: no C++ compiler found"

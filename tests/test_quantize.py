@@ -81,3 +81,19 @@ def test_other_calibration_methods(tmp_path, sample_onnx_fp32, sample_card, samp
                     method=method)
     with open_model(path) as runner:
         assert top1_accuracy(collect_logits(runner, sample_test), sample_test.labels) >= 0.98
+
+
+def test_quantize_leaves_the_root_logger_as_it_found_it(sample_onnx_fp32, sample_card, tmp_path):
+    """ORT's quantizer is quieted for the call only: afterwards the process's warnings still show."""
+    import logging
+
+    from toolkit.data import load_sample
+
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.INFO)
+    try:
+        quantize(sample_onnx_fp32, sample_card, tmp_path / "q.int8.onnx", load_sample("train"), calib_size=32)
+        assert root.level == logging.INFO
+    finally:
+        root.setLevel(before)
