@@ -25,10 +25,11 @@ import numpy as np
 from toolkit.data import Dataset, load_dataset
 from toolkit.errors import ToolkitError, UsageError, first_line
 from toolkit.evaluate import align_dataset, evaluate
+from toolkit.names import EXPORT_PRECISIONS
 from toolkit.runtime.base import Runner
 
 FORMATS = ("torch", "torchscript", "onnx", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = EXPORT_PRECISIONS
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from toolkit.artifacts import PRECISIONS, ArtifactFacts, TensorFacts, facts_path
 from toolkit.card import ModelCard, sidecar_path
 from toolkit.errors import ExportError, ModelFormatError, UsageError, first_line
 from toolkit.fileio import atomic_path, atomic_write_bytes
+from toolkit.names import EXPORT_PRECISIONS
 from toolkit.runtime.base import Runner
 from toolkit.runtime.tensorrt_runner import TensorRTEnvironment, tensorrt_environment, trt_logger
 
@@ -195,5 +196,5 @@ def open_engine(path: Path, job: ExportJob) -> Runner:
     return TensorRTRunner.open(path, device=job.device)
 
 
-FORMAT = FormatSpec("tensorrt", write_engine, ("fp32", "fp16", "int8"), options=(TensorRTOptions,),
+FORMAT = FormatSpec("tensorrt", write_engine, EXPORT_PRECISIONS, options=(TensorRTOptions,),
                     uses_onnx=True, open_runner=open_engine)

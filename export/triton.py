@@ -35,6 +35,7 @@ from toolkit.artifacts import (
 from toolkit.card import ModelCard, sidecar_path
 from toolkit.errors import ExportError, ModelFormatError, UsageError
 from toolkit.fileio import atomic_directory, companions
+from toolkit.names import EXPORT_PRECISIONS
 from toolkit.runtime.base import Runner
 from toolkit.runtime.registry import FORMATS as ARTIFACT_FORMATS
 
@@ -305,7 +306,7 @@ def open_model_folder(path: Path, job: ExportJob) -> Runner:
     return open_model(path, device=job.device)
 
 
-FORMAT = FormatSpec("triton", write_repository, ("fp32", "fp16", "int8"),
+FORMAT = FormatSpec("triton", write_repository, EXPORT_PRECISIONS,
                     options=(TritonOptions, TensorRTOptions), uses_onnx=True, model_folder=job_model_name,
                     open_runner=open_model_folder,
                     default_name=lambda p: "_triton" if p == "fp32" else f"_triton_{p}")

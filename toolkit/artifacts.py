@@ -29,6 +29,7 @@ from typing import Any
 from . import __version__
 from .card import MAX_CARD_BYTES, ModelCard, load_json_bounded, load_sidecar, sidecar_path
 from .errors import DataError, ModelFormatError, UsageError, first_line
+from .names import EXPORT_PRECISIONS
 from .paths import read_bytes_bounded, require_file
 
 ONNX_CARD_KEY = "toolkit.card"
@@ -38,7 +39,7 @@ LEGACY_CALIBRATION_KEY = "toolkit.calibration"  # read only: likewise
 TORCHSCRIPT_CARD_FILE = "card.json"
 TORCHSCRIPT_FACTS_FILE = "artifact.json"
 FACTS_SUFFIX = ".facts.json"  # the engine's facts sidecar (toolkit.fileio counts it as a companion)
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = EXPORT_PRECISIONS  # what an artifact can carry
 # Facts are read from files anyone may hand us: bounded before parsing, as cards are.
 MAX_FACTS_BYTES = 1024 * 1024
 MAX_FACTS_DEPTH = 16
