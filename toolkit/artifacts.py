@@ -162,17 +162,18 @@ def _facts_from_json(text: str | bytes, path: Path) -> ArtifactFacts:
         raise ModelFormatError(f"{path}: its artifact facts are unreadable: {first_line(exc)}") from None
 
 
-def _sidecar_card(path: Path, where: str) -> ModelCard:
-    """The `<name>.card.json` beside a file that carries no card of its own."""
+def _sidecar_card(path: Path, where: str, missing: str | None = None) -> ModelCard:
+    """The `<name>.card.json` beside a file that carries no card of its own (`where` names where else
+    it could have been); `missing` replaces the message for a file that has none."""
     try:
         card = load_sidecar(path)
     except (DataError, UsageError, TypeError, ValueError) as exc:
         raise ModelFormatError(f"{path}: its model card is unreadable: {first_line(exc)}") from None
     if card is None:
-        raise ModelFormatError(
+        raise ModelFormatError(missing or (
             f"{path} carries no model card ({where} or {sidecar_path(path).name}); "
             "export it with `toolkit export`, or write a card beside it"
-        )
+        ))
     return card
 
 
@@ -311,17 +312,10 @@ def facts_path(artifact: str | Path) -> Path:
 
 def engine_card(path: Path) -> ModelCard:
     """An engine's card from its sidecar; a missing one says how to get it back."""
-    try:
-        card = load_sidecar(path)
-    except (DataError, UsageError, TypeError, ValueError) as exc:
-        raise ModelFormatError(f"{path}: its model card is unreadable: {first_line(exc)}") from None
-    if card is None:
-        raise ModelFormatError(
-            f"{path}: its card {sidecar_path(path).name} is missing; an engine needs the card written beside "
-            "it at export: copy it along with the engine, or regenerate both with "
-            "toolkit export -m CHECKPOINT --format tensorrt"
-        )
-    return card
+    return _sidecar_card(path, "sidecar", missing=(
+        f"{path}: its card {sidecar_path(path).name} is missing; an engine needs the card written beside "
+        "it at export: copy it along with the engine, or regenerate both with "
+        "toolkit export -m CHECKPOINT --format tensorrt"))
 
 
 def _legacy_engine_facts(old: Mapping[str, Any]) -> ArtifactFacts:
