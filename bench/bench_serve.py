@@ -3,7 +3,8 @@
 Model: CIFAR ResNet-56 exported to ONNX with RANDOM weights (BatchNorm statistics re-estimated on
 random images, so activations stay in range): speed does not depend on the weight values.
 
-Reports, all as ratios against baselines measured in the same run:
+Reports, all as ratios against baselines measured in the same run, as a table over `--workers 1, 2,
+4, ...` (up to the cores present; issue 11), plus the runner-per-worker alternative at the largest count:
   1. offline best-batch throughput of the ONNX Runtime Runner (batch 1..64) and its batch-1 latency;
   2. server throughput, 32 concurrent clients sending CIFAR-size PNGs: batching on vs the offline best
      (target >= 0.8x) and vs batching off (--max-batch-size 1; expect ~1.3x);
@@ -14,7 +15,11 @@ Reports, all as ratios against baselines measured in the same run:
 The load generator is a lean asyncio HTTP/1.1 keep-alive client (a few µs per request), so the
 figures measure the server, not the client. Client and server share this machine's CPU cores.
 
-    python bench/bench_serve.py [--requests 1500] [--load-test] [--onnx PATH]
+Server CPU per request: user+sys of every server process (parent, workers, inference process) over
+the measurement, per request; "outside the model" subtracts the Runner's own CPU per image measured
+offline at the batch size the server actually formed (nearest measured size).
+
+    python bench/bench_serve.py [--requests 1500] [--workers 1,2] [--load-test] [--onnx PATH]
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,19 +76,20 @@ def build_resnet56(path: Path) -> Path:
 
 # --- offline baselines -------------------------------------------------------------------------------
 
-def offline(runner, card, images: np.ndarray) -> dict[str, float]:
+def offline(runner, card, images: np.ndarray) -> dict[str, Any]:
     from toolkit.preprocess import preprocess
 
     batch = preprocess(images[:64], card)
-    best, per_batch = 0.0, {}
+    best, per_batch, cpu_per_image = 0.0, {}, {}
     for size in (1, 4, 8, 16, 32, 64):
         x = batch[:size]
         runner(x)
-        n, began = 0, time.perf_counter()
+        n, began, cpu = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - began < 1.5:
             runner(x)
             n += size
         per_batch[size] = n / (time.perf_counter() - began)
+        cpu_per_image[size] = (time.process_time() - cpu) / n  # the model's own CPU (all its threads)
         best = max(best, per_batch[size])
     one = batch[:1]
     latencies = []
@@ -90,7 +97,73 @@ def offline(runner, card, images: np.ndarray) -> dict[str, float]:
         began = time.perf_counter()
         runner(one)
         latencies.append(time.perf_counter() - began)
-    return {"best_ips": best, "per_batch": per_batch, "batch1_p50_ms": 1000 * statistics.median(latencies)}
+    return {"best_ips": best, "per_batch": per_batch, "batch1_p50_ms": 1000 * statistics.median(latencies),
+            "cpu_per_image": cpu_per_image}
+
+
+def model_cpu_s(base: dict, images: int, mean_batch: float) -> float:
+    """The runner's own CPU for `images` run at `mean_batch` (offline figures, nearest measured size)."""
+    sizes = sorted(base["cpu_per_image"])
+    nearest = min(sizes, key=lambda s: abs(s - mean_batch))
+    return images * base["cpu_per_image"][nearest]
+
+
+def tree(pid: int) -> set[int]:
+    """`pid` and every process below it (the server's workers and inference process)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = {pid}, [pid]
+    while frontier:
+        current = frontier.pop()
+        for child, parent in parents.items():
+            if parent == current and child not in found:
+                found.add(child)
+                frontier.append(child)
+    return found
+
+
+def tree_cpu_s(pid: int) -> float:
+    """user+sys CPU seconds of `pid` and every process below it (the server's workers, inference process)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for member in tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def model_threads_cpu_s(pid: int) -> float | None:
+    """CPU seconds of the inference process's threads other than its main thread (the runner threads
+    and ONNX Runtime's pools): the model's own compute. None for a one-process server."""
+    tick = os.sysconf("SC_CLK_TCK")
+    for member in tree(pid):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{member}/comm").read_text().strip() != "toolkit-infer":
+                continue
+            total = 0.0
+            for task in Path(f"/proc/{member}/task").iterdir():
+                if task.name != str(member):
+                    with contextlib.suppress(OSError, IndexError, ValueError):
+                        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                        total += (int(fields[11]) + int(fields[12])) / tick
+            return total
+    return None
+
+
+def scrape(port: int) -> dict[str, float]:
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "reason=" not in line and "code=" not in line:
+            name, _, value = line.rpartition(" ")
+            values[name.split("{")[0]] = float(value)
+    return values
 
 
 # --- the lean client -------------------------------------------------------------------------------
@@ -163,13 +236,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(onnx: Path, port: int, max_batch_size: int) -> subprocess.Popen:
+def start_server(onnx: Path, port: int, max_batch_size: int, workers: int = 1,
+                 per_worker: bool = False) -> subprocess.Popen:
     import httpx
 
     process = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", "-m", str(onnx),
-                                "--name", "r56",
+                                "--name", "r56", "--grpc-port", "0", "--workers", str(workers),
                                 "--port", str(port), "--max-batch-size", str(max_batch_size),
-                                "--max-queue", "512"],
+                                "--max-queue", "512"] + (["--runner-per-worker"] * per_worker),
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -193,14 +267,28 @@ def stop_server(process: subprocess.Popen) -> int:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident MB of the server: the process and its workers and inference process."""
+    total = 0.0
+    for member in tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+    return total
 
 
 def top1(body: bytes) -> int:
-    return int(json.loads(body)["predictions"][0]["top"][0]["index"])
+    answer = json.loads(body)
+    if "outputs" in answer:  # a v2 response with JSON logits
+        return int(np.argmax(answer["outputs"][0]["data"]))
+    return int(answer["predictions"][0]["top"][0]["index"])
+
+
+def load_card(onnx: Path):
+    from toolkit.runtime.registry import open_model
+
+    with open_model(onnx) as runner:
+        return runner.card
 
 
 def pct(values: list[float], q: float) -> float:
@@ -271,7 +359,14 @@ def main() -> None:
     parser.add_argument("--load-rounds", type=int, default=3, help="load-test rounds")
     parser.add_argument("--load-good", type=int, default=600, help="good requests per load-test round")
     parser.add_argument("--load-bad", type=int, default=20, help="repeats of each hostile request per round")
+    cores = len(os.sched_getaffinity(0))
+    parser.add_argument("--workers", default=",".join(str(2 ** i) for i in range(8) if 2 ** i <= cores),
+                        help="comma-separated --workers values for the scaling table (default: 1, 2, 4, ... "
+                        "up to the cores present)")
+    parser.add_argument("--no-alternative", action="store_true",
+                        help="skip the runner-per-worker measurement")
     args = parser.parse_args()
+    args.workers = sorted(int(w) for w in str(args.workers).split(","))
 
     with contextlib.suppress(ImportError):  # uvloop is optional: a faster client loop where installed
         import uvloop
@@ -283,7 +378,9 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     onnx = args.onnx or build_resnet56(workdir / "resnet56.onnx")
-    images = load_sample("test").images[:256]
+    sample = load_sample("test").images
+    assert sample is not None
+    images = sample[:256]
     from PIL import Image
 
     pngs = []
@@ -305,34 +402,86 @@ def main() -> None:
         return [("POST", "/predict?top_k=1", pngs[i % len(pngs)], {"Content-Type": "image/png"},
                  int(expected_top1[i % len(pngs)])) for i in range(n)]
 
-    summary: dict[str, float] = {}
-    for label, max_batch in (("batching on (max 32)", 32), ("batching off (max 1)", 1)):
+    tensors = preprocess(images, load_card(onnx))
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, *tensors.shape[1:]], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": tensors[0].nbytes}}],
+                         "outputs": [{"name": "logits", "parameters": {"binary_data": False}}]}).encode()
+    v2_bodies = [header + tensors[i].tobytes() for i in range(len(tensors))]
+    v2_headers = {"Inference-Header-Content-Length": str(len(header)),
+                  "Content-Type": "application/octet-stream"}
+
+    def v2_jobs(n: int) -> list[tuple[str, str, bytes, dict[str, str], int | None]]:
+        return [("POST", "/v2/models/r56/infer", v2_bodies[i % len(v2_bodies)], v2_headers,
+                 int(expected_top1[i % len(pngs)])) for i in range(n)]
+
+    def measure(port: int, server: subprocess.Popen, work: list, concurrency: int,
+                per_worker: bool = False) -> dict[str, float]:
+        before, cpu, model0 = scrape(port), tree_cpu_s(server.pid), model_threads_cpu_s(server.pid)
+        seconds, latencies, results = asyncio.run(load(port, work, concurrency))
+        used, after, model1 = tree_cpu_s(server.pid) - cpu, scrape(port), model_threads_cpu_s(server.pid)
+        images = after["nv_inference_count"] - before["nv_inference_count"]
+        execs = max(1.0, after["nv_inference_exec_count"] - before["nv_inference_exec_count"])
+        mean_batch = images / execs if images else 1.0
+        if per_worker:  # each worker counts alone (no merged metrics): the batch size is unknown
+            mean_batch = float("nan")
+        measured = model0 is not None and model1 is not None
+        if measured:  # the inference process's model threads, measured
+            outside = used - (model1 - model0)  # type: ignore[operator]
+        else:  # one process: the model's CPU estimated from the offline run at this batch size
+            outside = used - model_cpu_s(base, len(work), 1.0 if per_worker else mean_batch)
+        return {"ips": len(work) / seconds, "p50": pct(latencies, 50), "p99": pct(latencies, 99),
+                "wrong": sum(1 for s, b, e in results if s != 200 or top1(b) != e), "batch": mean_batch,
+                "cpu_us": 1e6 * used / len(work), "outside_us": 1e6 * outside / len(work),
+                "measured": measured}
+
+    runs = [(w, 32, False) for w in args.workers] + [(args.workers[-1], 1, False)]
+    if args.workers[-1] > 1 and not args.no_alternative:
+        runs.append((args.workers[-1], 32, True))
+    table: dict[tuple[int, int, bool], dict[str, dict[str, float]]] = {}
+    print("\n| workers | mode | PNG /predict c=32 img/s (x offline best) | binary v2 c=32 img/s (x) "
+          "| mean batch | c=1 p50 ms | server CPU/request (PNG), all / outside the model |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for workers, max_batch, per_worker in runs:
         port = free_port()
-        server = start_server(onnx, port, max_batch)
+        server = start_server(onnx, port, max_batch, workers, per_worker)
         try:
             asyncio.run(load(port, jobs(200), 32))  # warm connections and caches
-            seconds, lat32, res32 = asyncio.run(load(port, jobs(args.requests), 32))
-            ips = args.requests / seconds
-            wrong = sum(1 for s, b, e in res32 if s != 200 or top1(b) != e)
-            line = (f"server {label}: c=32 {ips:.0f} img/s ({ips / base['best_ips']:.2f}x offline best), "
-                    f"p50 {pct(lat32, 50):.1f} ms, p99 {pct(lat32, 99):.1f} ms, wrong/failed {wrong}")
-            summary[f"ips_{max_batch}"] = ips
-            if max_batch == 32:
-                _, lat1, _ = asyncio.run(load(port, jobs(300), 1))
-                summary["c1_p50"] = pct(lat1, 50)
-                line += (f"; c=1 p50 {pct(lat1, 50):.2f} ms, p99 {pct(lat1, 99):.2f} ms "
-                         f"(Runner batch-1 {base['batch1_p50_ms']:.2f} ms: "
-                         f"+{pct(lat1, 50) - base['batch1_p50_ms']:.2f} ms)")
-            print(line, flush=True)
-            if args.load_test and max_batch == 32:
+            asyncio.run(load(port, v2_jobs(100), 32))
+            png = measure(port, server, jobs(args.requests), 32, per_worker)
+            v2 = measure(port, server, v2_jobs(args.requests), 32, per_worker)
+            c1 = measure(port, server, jobs(300), 1, per_worker) if max_batch > 1 else None
+            table[(workers, max_batch, per_worker)] = {"png": png, "v2": v2, **({"c1": c1} if c1 else {})}
+            mode = ("runner per worker" if per_worker else "one inference process" if workers > 1
+                    else "one process") + ("" if max_batch > 1 else ", batching off")
+            best = base["best_ips"]
+            print(f"| {workers} | {mode} | {png['ips']:.0f} ({png['ips'] / best:.2f}x) | "
+                  f"{v2['ips']:.0f} ({v2['ips'] / best:.2f}x) | {png['batch']:.1f} | "
+                  + (f"{c1['p50']:.2f}" if c1 else "-")
+                  + f" | {png['cpu_us']:.0f} µs / "
+                  + ("n/a |" if per_worker else
+                     ("" if png["measured"] else "≈") + f"{png['outside_us']:.0f} µs |")
+                  + (f" WRONG {png['wrong'] + v2['wrong']}" if png["wrong"] + v2["wrong"] else ""),
+                  flush=True)
+            if args.load_test and max_batch == 32 and not per_worker and workers == args.workers[-1]:
                 load_test(port, server, jobs, pngs[0], args.load_rounds, args.load_good, args.load_bad)
         finally:
             code = stop_server(server)
             if code != 0:
                 print(f"  server exit code {code}")
-    print(f"ratios: batching on / offline best = {summary['ips_32'] / base['best_ips']:.2f} (target >= 0.8); "
-          f"on / off = {summary['ips_32'] / summary['ips_1']:.2f} (expect ~1.3); "
-          f"c=1 p50 - Runner batch-1 = {summary['c1_p50'] - base['batch1_p50_ms']:+.2f} ms (target <= +3)")
+    top = table[(args.workers[-1], 32, False)]
+    off = table[(args.workers[-1], 1, False)]
+    best = base["best_ips"]
+    print(f"\nratios at --workers {args.workers[-1]}: PNG /predict c=32 / offline best = "
+          f"{top['png']['ips'] / best:.2f} (target >= 0.8); binary v2 c=32 / offline best = "
+          f"{top['v2']['ips'] / best:.2f} (target >= 0.9); batching on / off = "
+          f"{top['png']['ips'] / off['png']['ips']:.2f} (target > 1); c=1 p50 - Runner batch-1 = "
+          f"{top['c1']['p50'] - base['batch1_p50_ms']:+.2f} ms (target <= +2); server CPU per PNG request "
+          f"outside the model = {top['png']['outside_us']:.0f} µs (target <= 250)")
+    if (args.workers[-1], 32, True) in table:
+        alt = table[(args.workers[-1], 32, True)]
+        print(f"runner per worker / one inference process at --workers {args.workers[-1]}: PNG "
+              f"{alt['png']['ips'] / top['png']['ips']:.2f}x, "
+              f"binary v2 {alt['v2']['ips'] / top['v2']['ips']:.2f}x")
 
 
 def load_test(port: int, server: subprocess.Popen, jobs, png: bytes, rounds: int = 3, good: int = 600,

@@ -33,21 +33,30 @@ from .state import ServerState
 log = logging.getLogger("toolkit.serve")
 
 
-def create_app(runner: Runner, config: ServeConfig) -> FastAPI:
-    """The server around one opened Runner (the caller keeps ownership and closes it)."""
-    state = ServerState(config=config, runner=runner)
+def create_app(runner: Runner, config: ServeConfig, remote: Any = None) -> FastAPI:
+    """The server around one opened Runner (the caller keeps ownership and closes it).
+
+    In a front-end worker process (`serve.workers`), `runner` only describes the model and `remote`
+    (a `RemoteBatcher`) stands in for the batcher: inference runs in the inference process, which
+    also decides readiness (warm-up there, every worker connected).
+    """
+    state = ServerState(config=config, runner=runner, remote=remote)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         state.loop = asyncio.get_running_loop()
         state.pool = ThreadPoolExecutor(max_workers=max(1, config.decode_workers),
                                         thread_name_prefix="toolkit-decode")
-        state.batcher = DynamicBatcher(runner, state.stats, max_batch_size=config.max_batch_size,
-                                       max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
-                                       timeout_s=config.timeout_s)
-        await state.batcher.start()
+        if remote is not None:
+            state.batcher = remote
+            await remote.start(state)
+        else:
+            state.batcher = DynamicBatcher(runner, state.stats, max_batch_size=config.max_batch_size,
+                                           max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
+                                           timeout_s=config.timeout_s)
+            await state.batcher.start()
         grpc_server = await _start_grpc(state) if config.grpc_port else None
-        warm = asyncio.create_task(_warm_up(state))
+        warm = asyncio.create_task(_warm_up(state) if remote is None else asyncio.sleep(0))
         try:
             yield
         finally:

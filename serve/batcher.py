@@ -6,6 +6,10 @@ that thread works, new requests queue up and form the next batch, so under load 
 themselves; `max_delay_ms` optionally holds a batch open a little longer (worth it on GPUs). The
 queue is bounded (`QueueFullError` -> 503) and every request has a deadline (`QueueTimeoutError`
 -> 504). Requests larger than `max_batch_size` run alone and the Runner chunks them.
+
+`instances` (the inference process of `serve.workers` on CPUs) gives the one queue several copies of
+the model, each on its own thread with its share of the cores: a batch forms whenever a copy is idle,
+so one batcher still sees every request (as Triton's instance groups).
 """
 
 from __future__ import annotations
@@ -41,8 +45,13 @@ class DynamicBatcher:
     """`await batcher.infer(float32 NCHW)` -> logits; gathers concurrent calls into one runner call."""
 
     def __init__(self, runner: Runner, stats: Stats, *, max_batch_size: int = 32, max_delay_ms: float = 0.0,
-                 max_queue: int = 256, timeout_s: float = 30.0) -> None:
+                 max_queue: int = 256, timeout_s: float = 30.0,
+                 instances: list[Runner] | None = None) -> None:
         self.runner = runner
+        self.instances = list(instances or [runner])
+        self._idle: collections.deque[Runner] = collections.deque(self.instances)
+        self._free: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task[None]] = set()
         self.stats = stats
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_delay_s = max(0.0, max_delay_ms / 1000.0)
@@ -51,10 +60,12 @@ class DynamicBatcher:
         self._queue: collections.deque[_Item] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="toolkit-runner")
+        self._executor = ThreadPoolExecutor(max_workers=len(self.instances),
+                                            thread_name_prefix="toolkit-runner")
 
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
+        self._free = asyncio.Semaphore(len(self.instances))
         self._task = asyncio.create_task(self._schedule(), name="toolkit-batcher")
 
     async def stop(self) -> None:
@@ -62,15 +73,19 @@ class DynamicBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for task in list(self._running):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for item in self._queue:
             if not item.future.done():
                 item.future.set_exception(QueueFullError("the server is shutting down"))
         self._queue.clear()
         self._executor.shutdown(wait=True)
 
-    def run_sync(self, batch: np.ndarray) -> np.ndarray:
-        """Run directly on the runner thread (warm-up), bypassing the queue."""
-        return self._executor.submit(self.runner, batch).result()
+    def run_sync(self, batch: np.ndarray, instance: Runner | None = None) -> np.ndarray:
+        """Run directly on a runner thread (warm-up), bypassing the queue."""
+        return self._executor.submit(instance or self.runner, batch).result()
 
     @property
     def pending(self) -> int:
@@ -117,13 +132,15 @@ class DynamicBatcher:
         return sum(len(item.batch) for item in self._queue)
 
     async def _schedule(self) -> None:
-        assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
+        assert self._wakeup is not None and self._free is not None
+        several = len(self.instances) > 1
         while True:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if several:  # wait for an idle copy of the model; the queue grows meanwhile
+                await self._free.acquire()
             if self.max_delay_s > 0:
                 deadline = self._queue[0].enqueued + self.max_delay_s
                 while (self._queued_images() < self.max_batch_size
@@ -135,35 +152,55 @@ class DynamicBatcher:
                         break
             items = self._take()
             if not items:
+                if several:
+                    self._free.release()
                 continue
-            started = time.perf_counter()
-            for item in items:
-                item.timing.queue_s = started - item.enqueued
-            try:
-                batches = [i.batch for i in items]
-                logits, infer_s = await loop.run_in_executor(self._executor, self._run, batches)
-            except BaseException as exc:
-                for item in items:
-                    if not item.future.done():
-                        error = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
-                        item.future.set_exception(error)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
+            if not several:
+                await self._dispatch(items)
                 continue
-            self.stats.record_batch(len(logits), infer_s)
-            offset = 0
-            for item in items:
-                n = len(item.batch)
-                item.timing.infer_s = infer_s
-                item.timing.batch_size = len(logits)
-                if not item.future.done():
-                    item.future.set_result(logits[offset:offset + n])
-                offset += n
+            task = asyncio.create_task(self._dispatch(items))
+            self._running.add(task)
+            task.add_done_callback(self._done)
 
-    def _run(self, batches: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        assert self._free is not None
+        self._free.release()
+
+    async def _dispatch(self, items: list[_Item]) -> None:
+        """One runner call for `items` on an idle copy of the model; each answer back to its request."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        for item in items:
+            item.timing.queue_s = started - item.enqueued
+        runner = self._idle.popleft()
+        try:
+            batches = [i.batch for i in items]
+            logits, infer_s = await loop.run_in_executor(self._executor, self._run, batches, runner)
+        except BaseException as exc:
+            for item in items:
+                if not item.future.done():
+                    error = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+                    item.future.set_exception(error)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        finally:
+            self._idle.append(runner)
+        self.stats.record_batch(len(logits), infer_s)
+        offset = 0
+        for item in items:
+            n = len(item.batch)
+            item.timing.infer_s = infer_s
+            item.timing.batch_size = len(logits)
+            if not item.future.done():
+                item.future.set_result(logits[offset:offset + n])
+            offset += n
+
+    def _run(self, batches: list[np.ndarray], runner: Runner) -> tuple[np.ndarray, float]:
         batch = batches[0] if len(batches) == 1 else np.concatenate(batches)
         began = time.perf_counter()
-        logits = self.runner(batch)
+        logits = runner(batch)
         return logits, time.perf_counter() - began
 
 

@@ -28,7 +28,8 @@ class ServeConfig:
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 512  # open connections; beyond -> 503 and closed at once
     api_key: str | None = None
-    decode_workers: int = 2
+    decode_workers: int = 2  # threads per process that decode and preprocess images (--decode-threads)
+    workers: int = 1  # front-end processes (--workers); > 1: serve.workers, one inference process
     drain_timeout_s: float = 30.0
     retry_after_s: int = 1
     warmup: bool = True

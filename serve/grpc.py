@@ -252,8 +252,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         state = self.state
         if request.name:
             state.check_model(request.name, request.version)
-        document = state.stats.v2_statistics(state.config.name, state.config.version,
-                                             protocol.memory_usage(state.runner.source))
+        stats = await state.current_stats()
+        document = stats.v2_statistics(state.config.name, state.config.version,
+                                       protocol.memory_usage(state.runner.source))
         return _message(document, service_pb2.ModelStatisticsResponse())
 
     @_rpc

@@ -49,7 +49,34 @@ class Stats:
     in_flight: int = 0  # requests inside the server (any endpoint that does work)
     http_responses: Counter[str] = field(default_factory=Counter)
     last_inference_ms: int = 0
+    workers: int = 0  # multi-process serving (serve.workers): front-end workers connected now
+    worker_restarts: int = 0  # front-end workers that died and were replaced
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # --- merging across processes (serve.workers: each process counts its share) ---------------
+
+    def snapshot(self) -> dict[str, object]:
+        """Plain picklable copy of the counters, for `merged`."""
+        with self._lock:
+            data: dict[str, object] = {name: getattr(self, name) for name in _SUMS}
+            data.update({name: dict(getattr(self, name)) for name in _MAPS})
+            data["last_inference_ms"] = self.last_inference_ms
+            return data
+
+    @classmethod
+    def merged(cls, snapshots: list[dict[str, object]]) -> Stats:
+        """One Stats summing several processes' snapshots (sums add, the last inference is the latest)."""
+        total = cls()
+        for snap in snapshots:
+            for name in _SUMS:
+                setattr(total, name, getattr(total, name) + snap.get(name, 0))  # type: ignore[operator]
+            for name in _MAPS:
+                counts = getattr(total, name)
+                for key, value in snap.get(name, {}).items():  # type: ignore[attr-defined]
+                    counts[key] += value
+            last = int(snap.get("last_inference_ms", 0))  # type: ignore[call-overload]
+            total.last_inference_ms = max(total.last_inference_ms, last)
+        return total
 
     def record_success(self, total_s: float, timing: RequestTiming) -> None:
         with self._lock:
@@ -130,6 +157,11 @@ class Stats:
                    [(labels, self.in_flight)])
             metric("toolkit_http_responses", "counter", "HTTP responses by status code",
                    [(f'code="{code}"', n) for code, n in sorted(self.http_responses.items())])
+            if self.workers:
+                metric("toolkit_workers", "gauge", "Front-end worker processes connected to the inference "
+                       "process", [(labels, self.workers)])
+                metric("toolkit_worker_restarts", "counter", "Front-end workers that died and were replaced",
+                       [(labels, self.worker_restarts)])
         return "\n".join(lines) + "\n"
 
     def v2_statistics(self, model: str, version: str,
@@ -172,6 +204,11 @@ class Stats:
                 "memory_usage": list(memory_usage or []),
                 "response_stats": responses,
             }]}
+
+
+_SUMS = ("success", "success_us", "failure_us", "queue_us", "input_us", "infer_us", "output_us",
+         "inference_count", "exec_count", "pending", "in_flight", "workers", "worker_restarts")
+_MAPS = ("failures", "batch_sizes", "batch_infer_us", "batch_input_us", "batch_output_us", "http_responses")
 
 
 def _escape(value: str) -> str:

@@ -7,7 +7,9 @@ A second signal exits immediately. A model whose warm-up fails stops the server:
 `ServeStartupError` with the reason (the CLI exits 1).
 
 The connection layer is `serve.connection` (h11 with header size/time limits and a connection
-cap); the request guard is `serve.guards`.
+cap); the request guard is `serve.guards`. `serve` runs everything in this one process;
+`serve.workers.serve_workers` (`toolkit serve --workers N`, N > 1) runs N such front ends as worker
+processes sharing the listening socket, feeding one inference process.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import signal
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -59,9 +62,9 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def uvicorn_config(runner: Runner, config: ServeConfig,
+def uvicorn_config(runner: Runner, config: ServeConfig, app: Any = None,
                    **overrides: object) -> tuple[uvicorn.Config, ServerState]:
-    app = create_app(runner, config)
+    app = app if app is not None else create_app(runner, config)
     state: ServerState = app.state.toolkit
     options: dict[str, object] = {
         "host": config.host, "port": config.port, "log_level": "info", "access_log": False,

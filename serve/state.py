@@ -44,6 +44,15 @@ class ServerState:
     draining: bool = False
     warmup_error: str | None = None
     on_fatal: Callable[[], None] | None = None  # set by the server: stop when the model cannot run
+    remote: Any = None  # serve.workers.RemoteBatcher in a front-end worker process; None: one process
+
+    async def current_stats(self) -> Stats:
+        """The statistics to report: this process's, or in a worker, all processes' merged."""
+        if self.remote is not None:
+            return await self.remote.gather_stats()  # type: ignore[no-any-return]
+        if self.batcher is not None:
+            self.stats.pending = self.batcher.pending
+        return self.stats
 
     @property
     def serving(self) -> bool:
@@ -94,6 +103,7 @@ class ServerState:
         return response
 
 
-def get_state(request: Request) -> ServerState:
-    """FastAPI dependency: the state of the app serving this request."""
+async def get_state(request: Request) -> ServerState:
+    """FastAPI dependency: the state of the app serving this request. Async on purpose: FastAPI runs a
+    plain-function dependency in its thread pool, a thread hop per request."""
     return request.app.state.toolkit  # type: ignore[no-any-return]

@@ -11,6 +11,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -93,3 +94,16 @@ def zip_with_declared_size(name: str, data: bytes, method: int, declared: int) -
     central = raw.rfind(b"PK\x01\x02")
     struct.pack_into("<I", raw, central + 24, declared)  # central directory: uncompressed size
     return bytes(raw)
+
+
+@dataclass(frozen=True)
+class SlowSpec:
+    """Picklable opener of a SlowRunner (for the inference process of a multi-worker server)."""
+
+    model: str
+    delay_s: float
+
+    def open(self) -> Runner:
+        from toolkit.runtime.registry import open_model
+
+        return SlowRunner(open_model(self.model), self.delay_s)

@@ -615,7 +615,17 @@ def serve_command(
         help="Require 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (health endpoints stay open).")] = None,
     backend: BackendOpt = BackendName["auto"],
     device: DeviceOpt = DeviceName.cpu,
-    workers: Annotated[int, typer.Option(min=1, help="Threads that decode and preprocess images.")] = 2,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="Front-end processes sharing the port (HTTP, decoding), all feeding one inference "
+        "process; 1: everything in this process. Default: one per core, at most 8.")] = None,
+    decode_threads: Annotated[int, typer.Option(
+        min=1, help="Threads per front-end process that decode and preprocess images.")] = 2,
+    model_instances: Annotated[int | None, typer.Option(
+        min=1, help="With --workers > 1: copies of the model behind the one batcher. Default: ONNX Runtime "
+        "on CPU one per worker (each with cores/N threads), otherwise 1.")] = None,
+    runner_per_worker: Annotated[bool, typer.Option(
+        "--runner-per-worker", hidden=True, help="CPU experiment (bench/bench_serve.py): each worker runs "
+        "its own model instead of sharing one inference process.")] = False,
     max_connections: Annotated[int, typer.Option(min=1, help="Open connections; more get 503.")] = 512,
     read_timeout_s: Annotated[float, typer.Option(min=0.1, help="Headers must arrive within this, and the "
                                                   "body within 3x this; slower gets 408.")] = 10.0,
@@ -633,25 +643,35 @@ def serve_command(
 /metrics, a page."""  # one line in `toolkit --help` (rich mode keeps a docstring's line breaks)
     from serve.config import ServeConfig
     from serve.server import serve
+    from serve.workers import default_workers, serve_workers
 
     path = resolve_model(model)
     wire_name = name or (path.rstrip("/").rsplit("/", 1)[-1] if path.startswith("http") else Path(path).stem)
     grpc = _grpc_port(grpc_port)
-    runner = _open_runner(path, backend, device, allow_pickle,
-                          _gpu_options(precision, cuda_graphs, trt=trt, trt_cache=trt_cache,
-                                       batch_size=max_batch_size))
+    processes = workers or default_workers()
+    spec = _runner_spec(path, backend, device, allow_pickle,
+                        _gpu_options(precision, cuda_graphs, trt=trt, trt_cache=trt_cache,
+                                     batch_size=max_batch_size))
     config = ServeConfig(name=wire_name, host=host, port=port, max_batch_size=max_batch_size,
                          max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_s=timeout_s,
                          max_body_mb=max_body_mb, max_pixels=max_pixels, api_key=api_key or None,
-                         decode_workers=workers, max_connections=max_connections,
+                         decode_workers=decode_threads, workers=processes, max_connections=max_connections,
                          header_timeout_s=read_timeout_s, body_timeout_s=3 * read_timeout_s,
                          grpc_port=grpc, reject_nonfinite=reject_nonfinite)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         console(stderr=True).print(f"[yellow]warning:[/] serving on {host} without --api-key",
                                    highlight=False)
-    console(stderr=True).print(f"serving {wire_name} ({runner.backend}) on http://{host}:{port}/  "
-                               f"v2: /v2/models/{wire_name}" + (f"  gRPC: {host}:{grpc}" if grpc else ""),
-                               style="dim")
+    where = f"on http://{host}:{port}/  v2: /v2/models/{wire_name}"
+    where += (f"  gRPC: {host}:{grpc}" if grpc else "") + (f"  ({processes} workers)" * (processes > 1))
+    if processes > 1:  # the model opens in the inference process
+        console(stderr=True).print(f"serving {wire_name} ({spec.backend_name()}) {where}", style="dim")
+        if runner_per_worker and device.value != "cpu":
+            raise UsageError("--runner-per-worker is a CPU experiment; GPUs share one inference process")
+        serve_workers(spec, config, processes, runner_per_worker=runner_per_worker,
+                      instances=model_instances)
+        return
+    runner = spec.open()
+    console(stderr=True).print(f"serving {wire_name} ({runner.backend}) {where}", style="dim")
     with runner:
         serve(runner, config)
 

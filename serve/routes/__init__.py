@@ -3,6 +3,7 @@
 
 from . import ops, predict, v2
 
-ROUTERS = (ops.router, v2.router, predict.router)
+# The busiest routes first: routing tries each route in turn (no route matches another's paths).
+ROUTERS = (predict.router, v2.router, ops.router)
 
 __all__ = ["ROUTERS"]

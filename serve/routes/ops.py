@@ -40,7 +40,6 @@ async def ready(state: State) -> Response:
 
 @router.get("/metrics")
 async def metrics(state: State) -> PlainTextResponse:
-    if state.batcher is not None:
-        state.stats.pending = state.batcher.pending
-    return PlainTextResponse(state.stats.prometheus(state.config.name, state.config.version),
+    stats = await state.current_stats()
+    return PlainTextResponse(stats.prometheus(state.config.name, state.config.version),
                              media_type="text/plain; version=0.0.4; charset=utf-8")

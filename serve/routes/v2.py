@@ -36,9 +36,10 @@ async def _json_body(request: Request) -> Any:
         raise ProtocolError("request body is not valid JSON") from None
 
 
-def _statistics(state: ServerState) -> dict[str, Any]:
+async def _statistics(state: ServerState) -> dict[str, Any]:
     config = state.config
-    return state.stats.v2_statistics(config.name, config.version, protocol.memory_usage(state.runner.source))
+    stats = await state.current_stats()
+    return stats.v2_statistics(config.name, config.version, protocol.memory_usage(state.runner.source))
 
 
 @router.get("/v2")
@@ -48,7 +49,7 @@ async def server_metadata() -> dict[str, Any]:
 
 @router.get("/v2/models/stats")
 async def all_stats(state: State) -> dict[str, Any]:
-    return _statistics(state)
+    return await _statistics(state)
 
 
 @router.get("/v2/models/{name}")
@@ -76,7 +77,7 @@ async def model_config(state: State, name: str, version: str | None = None) -> d
 @router.get("/v2/models/{name}/versions/{version}/stats")
 async def model_stats(state: State, name: str, version: str | None = None) -> dict[str, Any]:
     state.check_model(name, version)
-    return _statistics(state)
+    return await _statistics(state)
 
 
 # --- repository --------------------------------------------------------------------------------------
