@@ -37,8 +37,8 @@ def create_app(runner: Runner, config: ServeConfig, remote: Any = None) -> FastA
     """The server around one opened Runner (the caller keeps ownership and closes it).
 
     In a front-end worker process (`serve.workers`), `runner` only describes the model and `remote`
-    (a `RemoteBatcher`) stands in for the batcher: inference runs in the inference process, which
-    also decides readiness (warm-up there, every worker connected).
+    (a `serve.remote.RemoteBatcher`) stands in for the batcher: inference runs in the inference
+    process, which also decides readiness (warm-up there, every worker connected).
     """
     state = ServerState(config=config, runner=runner, remote=remote)
 

@@ -7,7 +7,7 @@ themselves; `max_delay_ms` optionally holds a batch open a little longer (worth 
 queue is bounded (`QueueFullError` -> 503) and every request has a deadline (`QueueTimeoutError`
 -> 504). Requests larger than `max_batch_size` run alone and the Runner chunks them.
 
-`instances` (the inference process of `serve.workers` on CPUs) gives the one queue several copies of
+`instances` (the inference process, `serve.inference`, on CPUs) gives the one queue several copies of
 the model, each on its own thread with its share of the cores: a batch forms whenever a copy is idle,
 so one batcher still sees every request (as Triton's instance groups).
 """

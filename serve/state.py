@@ -44,7 +44,7 @@ class ServerState:
     draining: bool = False
     warmup_error: str | None = None
     on_fatal: Callable[[], None] | None = None  # set by the server: stop when the model cannot run
-    remote: Any = None  # serve.workers.RemoteBatcher in a front-end worker process; None: one process
+    remote: Any = None  # serve.remote.RemoteBatcher in a front-end worker process; None: one process
 
     async def current_stats(self) -> Stats:
         """The statistics to report: this process's, or in a worker, all processes' merged."""

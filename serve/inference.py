@@ -1,0 +1,270 @@
+"""The inference process of multi-process serving: one Runner (or `instances` copies), one DynamicBatcher.
+
+`InferenceHub` accepts every worker on the Unix socket, gives each a shared-memory block, feeds views of
+its slots to the batcher so requests from every worker meet in one runner call, and writes the logits
+back. It decides readiness (warmed up, every worker connected) and tells the workers when it changes;
+`/metrics` and the v2 statistics are gathered here: this process's runner calls merged with each
+worker's snapshot of its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import signal
+from dataclasses import dataclass, field, replace
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import numpy as np
+
+from toolkit.errors import ToolkitError
+from toolkit.runtime.base import Runner
+
+from .config import ServeConfig
+from .errors import QueueFullError, QueueTimeoutError
+from .ipc import SLOT_BUDGET, _close_shm, _frame, _logging, _name_process, _read, _run, default_cores
+from .metrics import RequestTiming, Stats
+
+log = logging.getLogger("toolkit.serve")
+
+
+@dataclass
+class _Client:
+    index: int
+    pid: int
+    writer: asyncio.StreamWriter
+    shm: SharedMemory
+    in_bytes: int
+    slot_bytes: int
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class InferenceHub:
+    """The inference process: one Runner, one DynamicBatcher, every worker's requests."""
+
+    def __init__(self, runners: list[Runner], config: ServeConfig, control: Any, path: str,
+                 workers: int) -> None:
+        from .batcher import DynamicBatcher
+
+        runner = runners[0]
+        self.runner, self.config, self.control, self.path = runner, config, control, path
+        self.expected = workers
+        self.stats = Stats()
+        self.batcher = DynamicBatcher(runner, self.stats, max_batch_size=config.max_batch_size,
+                                      max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
+                                      timeout_s=config.timeout_s, instances=runners)
+        self.clients: dict[int, _Client] = {}
+        self.warm = False
+        self.stopping = False
+        self._snapshots: dict[int, dict[int, dict[str, Any]]] = {}
+        self._snapshot_events: dict[int, asyncio.Event] = {}
+        self._tokens = itertools.count()
+        image = int(np.prod(runner.card.input_size)) * 4
+        self.in_bytes = image * config.max_batch_size
+        self.out_bytes = runner.card.num_classes * 4 * config.max_batch_size
+        self.slots = max(4, min(64, SLOT_BUDGET // (self.in_bytes + self.out_bytes)))
+
+    # readiness: warmed up, and every worker connected
+    def _readiness(self) -> tuple[bool, str | None]:
+        if self.stopping:
+            return False, "draining"
+        if not self.warm:
+            return False, "warming up"
+        if len(self.clients) < self.expected:
+            return False, f"{len(self.clients)} of {self.expected} workers up"
+        return True, None
+
+    def _broadcast_ready(self) -> None:
+        ready, reason = self._readiness()
+        for client in self.clients.values():
+            if not client.writer.is_closing():
+                client.writer.write(_frame(("ready", ready, reason)))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_control() -> None:
+            try:
+                message = self.control.recv()
+            except (EOFError, OSError):  # the parent is gone
+                loop.remove_reader(self.control.fileno())
+                stop.set()
+                return
+            if message[0] == "stop":
+                stop.set()
+            elif message[0] == "restarted":
+                self.stats.worker_restarts += 1
+
+        await self.batcher.start()
+        try:
+            card = self.runner.card
+            if self.config.warmup:
+                for instance in self.batcher.instances:
+                    for size in sorted({1, max(1, self.config.max_batch_size)}):
+                        batch = np.zeros((size, *card.input_size), dtype=np.float32)
+                        await loop.run_in_executor(None, self.batcher.run_sync, batch, instance)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent as the reason the server stops
+            self.control.send(("failed", f"warm-up failed: {exc}" if str(exc) else
+                               f"warm-up failed: {type(exc).__name__}"))
+            await self.batcher.stop()
+            return
+        server = await asyncio.start_unix_server(self._client, self.path)
+        self.warm = True
+        info = {"source": self.runner.source, "device": self.runner.device, "backend": self.runner.backend,
+                "precision": self.runner.precision, "max_batch_size": self.runner.max_batch_size,
+                "describe": _describe(self.runner)}
+        self.control.send(("up", self.runner.card.to_json(), info))
+        loop.add_reader(self.control.fileno(), on_control)
+        await stop.wait()
+        self.stopping = True
+        self._broadcast_ready()
+        server.close()
+        tasks = [task for client in self.clients.values() for task in client.tasks]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.config.drain_timeout_s)
+        await self.batcher.stop()
+        for client in list(self.clients.values()):
+            client.writer.close()
+            _close_shm(client.shm)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            _, index, pid = await _read(reader)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            writer.close()
+            return
+        shm = SharedMemory(create=True, size=self.slots * (self.in_bytes + self.out_bytes))
+        client = _Client(index, pid, writer, shm, self.in_bytes, self.in_bytes + self.out_bytes)
+        old = self.clients.get(index)
+        self.clients[index] = client
+        if old is not None:
+            old.writer.close()
+        self.stats.workers = len(self.clients)
+        ready, reason = self._readiness()
+        writer.write(_frame(("welcome", shm.name, self.slots, self.in_bytes, self.out_bytes, ready, reason)))
+        self._broadcast_ready()
+        log.info("worker %d (pid %d) connected", index, pid)
+        try:
+            while True:
+                message = await _read(reader)
+                if message[0] == "infer":
+                    task = asyncio.create_task(self._infer(client, *message[1:]))
+                    client.tasks.add(task)
+                    task.add_done_callback(client.tasks.discard)
+                elif message[0] == "stats":
+                    asyncio.create_task(self._stats(client, message[1]))  # noqa: RUF006 - answers itself
+                elif message[0] == "snapshot":
+                    token, snapshot = message[1], message[2]
+                    if token in self._snapshots:
+                        self._snapshots[token][client.index] = snapshot
+                        if len(self._snapshots[token]) >= len(self.clients):
+                            self._snapshot_events[token].set()
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        if self.clients.get(index) is client:
+            del self.clients[index]
+        self.stats.workers = len(self.clients)
+        self._broadcast_ready()
+        if client.tasks:
+            await asyncio.wait(list(client.tasks))
+        writer.close()
+        _close_shm(client.shm)
+
+    async def _infer(self, client: _Client, request_id: int, slot: int, shape: tuple[int, ...],
+                     inline: bytes | None) -> None:
+        if slot >= 0:
+            batch = np.ndarray(shape, np.float32, buffer=client.shm.buf, offset=slot * client.slot_bytes)
+        else:
+            assert inline is not None
+            batch = np.frombuffer(inline, np.float32).reshape(shape)
+        timing = RequestTiming()
+        reply: tuple[Any, ...]
+        try:
+            logits = await self.batcher.infer(batch, timing)
+        except QueueFullError as exc:
+            reply = ("error", request_id, "full", 503, str(exc))
+        except QueueTimeoutError as exc:
+            reply = ("error", request_id, "timeout", 504, str(exc))
+        except ToolkitError as exc:
+            reply = ("error", request_id, "toolkit", exc.http_status, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the worker answers it as a backend failure
+            reply = ("error", request_id, "backend", 500, f"{type(exc).__name__}: {exc}")
+        else:
+            logits = np.ascontiguousarray(logits, dtype=np.float32)
+            inline_out = None
+            if slot >= 0 and logits.nbytes <= client.slot_bytes - client.in_bytes:
+                offset = slot * client.slot_bytes + client.in_bytes
+                np.ndarray(logits.shape, np.float32, buffer=client.shm.buf, offset=offset)[...] = logits
+            else:
+                inline_out = logits.tobytes()
+            reply = ("ok", request_id, logits.shape, inline_out, timing.queue_s, timing.infer_s,
+                     timing.batch_size)
+        del batch
+        if not client.writer.is_closing():
+            client.writer.write(_frame(reply))
+
+    async def _stats(self, client: _Client, request_id: int) -> None:
+        token = next(self._tokens)
+        self._snapshots[token], self._snapshot_events[token] = {}, asyncio.Event()
+        for other in self.clients.values():
+            if not other.writer.is_closing():
+                other.writer.write(_frame(("snapshot", token)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._snapshot_events[token].wait(), 5)
+        snapshots = list(self._snapshots.pop(token).values())
+        del self._snapshot_events[token]
+        self.stats.pending = self.batcher.pending
+        merged = Stats.merged([self.stats.snapshot(), *snapshots])
+        if not client.writer.is_closing():
+            client.writer.write(_frame(("stats", request_id, merged.snapshot())))
+
+
+
+def _describe(runner: Runner) -> dict[str, Any]:
+    try:
+        return dict(runner.describe())
+    except Exception:  # noqa: BLE001 - a description is optional
+        return {}
+
+
+def _loop_factory() -> Any:
+    """uvloop's event loop where installed (as uvicorn picks it), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return None
+    return uvloop.new_event_loop
+
+
+def _inference_main(spec: Any, config: ServeConfig, path: str, control: Any, workers: int,
+                    level: str, instances: int = 1) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this process stops
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _logging(level)
+    _name_process("toolkit-infer")
+    with contextlib.ExitStack() as stack:
+        try:
+            runners = [stack.enter_context(spec.open()) for _ in range(max(1, instances))]
+        except Exception as exc:  # noqa: BLE001 - the reason the server cannot start
+            control.send(("failed", str(exc) or type(exc).__name__))
+            return
+        _run(InferenceHub(runners, config, control, path, workers).run(), _loop_factory())
+
+
+def model_instances(spec: Any, workers: int, asked: int | None = None) -> tuple[Any, int]:
+    """(spec, copies of the model in the inference process). ONNX Runtime on CPU: one copy per worker by
+    default, each with cores / copies intra-op threads (measured faster than one copy using every core
+    for CIFAR-size models: small convolutions do not split well over threads). Anything else: one copy
+    (GPUs: one batcher, one model, the biggest batches)."""
+    onnx_cpu = (getattr(spec, "device", "cpu") == "cpu" and hasattr(spec, "backend_name")
+                and spec.backend_name() == "onnxruntime")
+    if not onnx_cpu:
+        return spec, 1
+    copies = max(1, asked or workers)
+    if copies > 1 and "threads" not in spec.options:
+        spec = replace(spec, options={**dict(spec.options), "threads": max(1, default_cores() // copies)})
+    return spec, copies
