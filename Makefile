@@ -7,7 +7,7 @@ OUT ?= demo-out
 
 LINT_PATHS := toolkit export serve tests bench scripts
 
-.PHONY: demo test lint browser install install-test bench clean
+.PHONY: demo test lint browser kserve-client install install-test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ demo: install
 
 # Lint first: ruff (rules and the 110-column limit in pyproject's [tool.ruff]) and mypy, non-strict, over
 # toolkit/ export/ serve/ ([tool.mypy]). Both must be clean.
-test: install-test browser lint
+test: install-test browser kserve-client lint
 	$(PY) -m pytest -q
 
 # Both run, so one pass reports everything; either finding fails the target.
@@ -53,6 +53,16 @@ browser:
 	{ $$root apt-get update -qq && $$root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 		chromium chromium-driver; } >/dev/null \
 		|| echo "note: apt-get could not install chromium; the browser test will skip"
+
+# KServe's Python SDK pins pandas < 3 and more, so its gRPC client gets a venv of its own; the test that
+# drives it against our server (tests/test_serve_kserve_grpc.py) runs it there, and skips with the reason
+# where this could not be installed.
+KSERVE_VENV := .venv-kserve
+kserve-client:
+	@if [ -x $(KSERVE_VENV)/bin/python ] && $(KSERVE_VENV)/bin/python -c "import kserve" 2>/dev/null; then exit 0; fi; \
+	echo "installing KServe's client into $(KSERVE_VENV) for the gRPC conformance test"; \
+	{ $(PYTHON) -m venv $(KSERVE_VENV) && $(KSERVE_VENV)/bin/python -m pip install -qq 'kserve==0.21.0'; } \
+		>/dev/null 2>&1 || echo "note: could not install kserve; its gRPC test will skip"
 
 # Not part of `make test`: timings belong in bench/, with ratios against baselines from the same run.
 bench: install-test
