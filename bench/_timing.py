@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import platform
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def wall_times(command: Sequence[str], repeat: int = 7, warmup: int = 1) -> list[float]:
@@ -42,3 +45,12 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def python() -> str:
     return sys.executable
+
+
+def cpu_model() -> str:
+    """The CPU's model name, printed with every figure: speeds compare only on the same kind of CPU."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"

@@ -36,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _timing import cpu_model
 
 # --- data -------------------------------------------------------------------------------------------
 
@@ -79,15 +80,6 @@ def rate(func: Callable[[], int], min_seconds: float = 2.0, warmup: int = 1) -> 
         if elapsed >= min_seconds:
             return done / elapsed
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def table(title: str, rows: list[tuple[str, str]]) -> None:

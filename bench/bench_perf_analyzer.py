@@ -29,7 +29,6 @@ import csv
 import io
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -43,6 +42,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from _timing import cpu_model  # noqa: E402 - bench/ is put on the path just above
 
 TOOLS = ROOT / "bench" / ".tools"
 BINARY = TOOLS / "perf_analyzer"
@@ -147,13 +148,6 @@ def start_server(onnx: Path, port: int, grpc_port: int) -> subprocess.Popen:
     raise RuntimeError("server did not become ready")
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -180,7 +174,7 @@ def main() -> None:
         server = start_server(onnx, port, grpc_port)
         rows = []
         try:
-            print(f"{onnx.name} on {cpu_name()} ({os.cpu_count()} cores), perf_analyzer {WHEEL_VERSION}, "
+            print(f"{onnx.name} on {cpu_model()} ({os.cpu_count()} cores), perf_analyzer {WHEEL_VERSION}, "
                   f"interval {args.interval_ms} ms; infer/s, p50/p99 ms")
             print(f"{'client':<34}{'batch':>6}{'conc':>6}{'infer/s':>10}{'p50':>9}{'p99':>9}")
             variants = [("http", None, False), ("http", "random", False), ("http", "random", True),
@@ -202,7 +196,7 @@ def main() -> None:
         finally:
             stop_server(server)
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_name(), "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _timing import cpu_model  # bench/ is on the path: scripts run as `python bench/<script>.py`
 
 
 def make_folder(root: Path, n: int, size: int = 40) -> Path:
@@ -51,15 +51,6 @@ def make_onnx(path: Path) -> Path:
     model, card, _ = build_from_checkpoint(load_checkpoint(SAMPLE_MODEL))
     return export(model, card, path)
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def timed(run, spec, data, batch_size: int, **options) -> tuple[float, float, object]:
