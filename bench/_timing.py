@@ -1,4 +1,5 @@
-"""Small timing helpers shared by the bench scripts (not part of the installed package)."""
+"""Small helpers shared by the bench scripts: timing, the CPU name, a served model's readiness (not part of
+the installed package)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,19 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
+
+
+def wait_until_ready(process: subprocess.Popen, port: int, timeout_s: float) -> subprocess.Popen:
+    """Poll `toolkit serve`'s readiness on loopback; a server that exits or never gets ready is an error."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):  # not listening yet
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                return process
+        if process.poll() is not None:
+            raise RuntimeError(process.stderr.read().decode() if process.stderr else "server died")
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("server did not become ready")

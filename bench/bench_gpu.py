@@ -110,9 +110,7 @@ def decode_table(folder: Path, workers: int, seconds: float) -> dict[str, float]
         list(pool.map(load, paths[:workers * 4]))  # start the workers (processes import the toolkit)
 
         def run() -> int:
-            for _ in pool.map(load, paths):
-                pass
-            return len(paths)
+            return sum(1 for _ in pool.map(load, paths))  # drain the ordered results
 
         run.pool = pool  # type: ignore[attr-defined]
         return run

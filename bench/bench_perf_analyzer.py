@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import csv
 import io
 import json
@@ -33,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -43,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _timing import cpu_model  # noqa: E402 - bench/ is put on the path just above
+from _timing import cpu_model, wait_until_ready  # noqa: E402 - bench/ is put on the path just above
 
 TOOLS = ROOT / "bench" / ".tools"
 BINARY = TOOLS / "perf_analyzer"
@@ -130,22 +128,12 @@ def builtin(port: int, batch: int, concurrency: int, seconds: float) -> dict[str
 # --- the server ------------------------------------------------------------------------------------------
 
 def start_server(onnx: Path, port: int, grpc_port: int) -> subprocess.Popen:
-    import httpx
 
     command = [sys.executable, "-m", "toolkit.cli", "serve", "-m", str(onnx), "--name", MODEL,
                "--port", str(port), "--grpc-port", str(grpc_port), "--max-batch-size", "32",
                "--max-queue", "512"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                return process
-        if process.poll() is not None:
-            raise RuntimeError(process.stderr.read().decode() if process.stderr else "server died")
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("server did not become ready")
+    return wait_until_ready(process, port, timeout_s=120)
 
 
 

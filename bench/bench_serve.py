@@ -45,6 +45,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _timing import wait_until_ready  # noqa: E402 - bench/ is put on the path just above
 
 
 def build_resnet56(path: Path) -> Path:
@@ -238,23 +241,13 @@ def free_port() -> int:
 
 def start_server(onnx: Path, port: int, max_batch_size: int, workers: int = 1,
                  per_worker: bool = False) -> subprocess.Popen:
-    import httpx
 
     process = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", "-m", str(onnx),
                                 "--name", "r56", "--grpc-port", "0", "--workers", str(workers),
                                 "--port", str(port), "--max-batch-size", str(max_batch_size),
                                 "--max-queue", "512"] + (["--runner-per-worker"] * per_worker),
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):  # not listening yet
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                return process
-        if process.poll() is not None:
-            raise RuntimeError(process.stderr.read().decode() if process.stderr else "server died")
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("server did not become ready")
+    return wait_until_ready(process, port, timeout_s=90)
 
 
 def stop_server(process: subprocess.Popen) -> int:

@@ -148,7 +148,8 @@ class InferenceHub:
         writer.write(_frame(("welcome", shm.name, self.slots, self.in_bytes, self.out_bytes, ready, reason)))
         self._broadcast_ready()
         log.info("worker %d (pid %d) connected", index, pid)
-        try:
+        # the loop ends when the worker closes its end (it exited, or was killed): then clean up below
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, OSError):
             while True:
                 message = await _read(reader)
                 if message[0] == "infer":
@@ -163,8 +164,6 @@ class InferenceHub:
                         self._snapshots[token][client.index] = snapshot
                         if len(self._snapshots[token]) >= len(self.clients):
                             self._snapshot_events[token].set()
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
         if self.clients.get(index) is client:
             del self.clients[index]
         self.stats.workers = len(self.clients)

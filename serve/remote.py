@@ -158,7 +158,8 @@ class RemoteBatcher:
 
     async def _listen(self) -> None:
         assert self._reader is not None and self._writer is not None
-        try:
+        # the loop ends when the inference process closes its end (it stopped or died): then fail over below
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, OSError):
             while True:
                 message = await _read(self._reader)
                 kind = message[0]
@@ -174,8 +175,6 @@ class RemoteBatcher:
                         future.set_result(message[2])
                 elif kind == "ready":
                     self._set_ready(message[1], message[2])
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
         self.connected = False
         self._set_ready(False, "the inference process stopped")
         log.error("worker %d: lost the inference process; answering 503", self.index)

@@ -45,6 +45,7 @@ def test_shards_round_trip_and_a_rerun_skips_finished_ones(tmp_path, fmt):
     (tmp_path / SHARD_DIR / ".part-00001.parquet.dead.parquet").write_bytes(b"half")  # a killed writer's temp
 
     again = ShardStore(tmp_path, JOB, 5, EVAL_COLUMNS, shard_size=2, fmt=fmt)
+    assert again.rows_done() == 3  # shards 0 (2 rows) and 2 (1 row): where a resumed run's progress starts
     assert again.pending() == [1]
     assert not list((tmp_path / SHARD_DIR).glob(".part-*"))
     again.write(1, eval_columns(2, 4), {"errors": 0})

@@ -366,8 +366,8 @@ def tiny_disk(tmp_path):
 def _fill(folder: Path) -> None:
     filler = open(folder / "filler", "wb", buffering=0)  # noqa: SIM115 - closed below, after the error
     with filler, pytest.raises(OSError, match="No space") as full:  # noqa: PT012
-        while filler.write(b"\x00" * 512):
-            pass
+        while filler.write(b"\x00" * 512):  # fill the filesystem until the write raises ENOSPC
+            continue
     assert full.value.errno == errno.ENOSPC
     assert shutil.disk_usage(folder).free == 0
 

@@ -75,7 +75,7 @@ def test_atomic_path_never_replaces_a_folder(tmp_path):
     folder.mkdir()
     (folder / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="is a directory"), fileio.atomic_path(folder):
-        pass
+        pytest.fail("atomic_path must refuse before handing out a temporary path")
     assert (folder / "keep.txt").read_text() == "mine"
 
 
@@ -130,7 +130,7 @@ def test_atomic_directory_swaps_and_rolls_back(tmp_path, monkeypatch, exchange):
 def test_atomic_directory_refuses_to_replace_a_file(tmp_path):
     (tmp_path / "digits").write_text("a file")
     with pytest.raises(ExportError, match="not a directory"), fileio.atomic_directory(tmp_path / "digits"):
-        pass
+        pytest.fail("atomic_directory must refuse before staging anything")
     assert snapshot(tmp_path) == {"digits": b"a file"}
 
 

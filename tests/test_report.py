@@ -36,7 +36,7 @@ class LinearRunner(Runner):
 
     @classmethod
     def open(cls, path: object, *, device: str = "cpu") -> Runner:  # pragma: no cover - built directly
-        raise NotImplementedError
+        raise NotImplementedError("LinearRunner is built from a card, not opened from a file")
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         flat = batch.reshape(len(batch), -1)

@@ -6,6 +6,7 @@ only looks right (a 413 sent after inflating the bomb anyway) fails here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -34,17 +35,13 @@ def _huge_header(port: int, size: int) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: ")
         chunk = b"a" * (1 << 20)
-        try:
+        with contextlib.suppress(OSError):  # the server closed the connection: it stopped reading
             for _ in range(size // len(chunk)):
                 sock.sendall(chunk)
             sock.sendall(b"\r\n\r\n")
-        except OSError:  # the server closed the connection: it stopped reading
-            pass
-        try:
+        with contextlib.suppress(OSError):  # a reset after the answer ends the read like a close
             while data := sock.recv(65536):
                 answer += data
-        except OSError:
-            pass
     return answer
 
 

@@ -349,7 +349,7 @@ def evaluate(spec: RunnerSpec, dataset: Dataset, *, batch_size: int = 256,
     store = ShardStore(output_dir, eval_job(spec, data, names), len(data), EVAL_COLUMNS,
                        shard_size or DEFAULT_SHARD_SIZE, shard_format)
     if progress is not None and store.done():
-        progress(len(data) - sum(store.bounds(s)[1] - store.bounds(s)[0] for s in store.pending()))
+        progress(store.rows_done())
 
     def finish(shard: int, rows: dict[str, np.ndarray]) -> None:
         """evaluate.evaluate's per-batch arithmetic, on one shard's readable rows."""
@@ -440,7 +440,7 @@ def predict(spec: RunnerSpec, inputs: Sequence[PredictInput], *, top_k: int = 5,
     store = ShardStore(output_dir, predict_job(spec, items, k), len(items), PREDICT_COLUMNS,
                        shard_size or DEFAULT_SHARD_SIZE, shard_format)
     if progress is not None and store.done():
-        progress(len(items) - sum(store.bounds(s)[1] - store.bounds(s)[0] for s in store.pending()))
+        progress(store.rows_done())
 
     def finish(shard: int, rows: dict[str, np.ndarray]) -> None:
         index, logits, errors = rows["index"], rows["logits"], rows["error"]

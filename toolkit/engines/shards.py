@@ -183,6 +183,10 @@ class ShardStore:
         return [s for s in range(self.num_shards)
                 if self.part(s).is_file() and self.part(s).with_suffix(".json").is_file()]
 
+    def rows_done(self) -> int:
+        """Rows in finished shards: where a resumed run's progress starts."""
+        return sum(stop - start for start, stop in map(self.bounds, self.done()))
+
     def pending(self) -> list[int]:
         finished = set(self.done())
         return [s for s in range(self.num_shards) if s not in finished]
