@@ -352,6 +352,15 @@ def _engine_label(spec: Any, engine: Any) -> str:
     return spec.backend_name() + ("" if engine.value == DEFAULT_ENGINE else f" on {engine.value}")
 
 
+def _local_options(workers: int | None, engine: Any) -> dict[str, Any]:
+    """`--workers` (decode threads) belongs to the local engine; Ray Data decodes in its own tasks."""
+    if workers is None:
+        return {}
+    if engine.value != DEFAULT_ENGINE:
+        raise UsageError("--workers applies to --engine local (Ray Data decodes in its own tasks)")
+    return {"workers": workers}
+
+
 def _unreadable(errors: list[dict[str, str]], total: int) -> None:
     """Exit 1 after the outputs are written when some images could not be read (error rows)."""
     if errors:
@@ -405,9 +414,7 @@ def eval_command(
     spec = _runner_spec(path, backend, device, allow_pickle,
                         _gpu_options(precision, cuda_graphs, compile, compile_cache, trt, trt_cache,
                                      batch_size))
-    local = {} if workers is None else {"workers": workers}
-    if local and engine.value != "local":
-        raise UsageError("--workers applies to --engine local (Ray Data decodes in its own tasks)")
+    local = _local_options(workers, engine)
     with progress_bar(len(data), f"eval {_engine_label(spec, engine)}",
                       enabled=False if as_json else None) as advance:
         result = run.evaluate(spec, data, batch_size=batch_size, progress=advance, output_dir=output_dir,
@@ -470,9 +477,7 @@ def predict_command(
     spec = _runner_spec(resolve_model(model), backend, device, allow_pickle,
                         _gpu_options(precision, cuda_graphs, compile, compile_cache, trt, trt_cache,
                                      batch_size))
-    local = {} if workers is None else {"workers": workers}
-    if local and engine.value != "local":
-        raise UsageError("--workers applies to --engine local (Ray Data decodes in its own tasks)")
+    local = _local_options(workers, engine)
     with progress_bar(len(items), f"predict {_engine_label(spec, engine)}") as advance:
         results = run.predict(spec, items, top_k=top_k, batch_size=batch_size, progress=advance,
                               output_dir=output_dir, **_engine_options(address, replicas, shard_size),

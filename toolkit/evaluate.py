@@ -24,7 +24,7 @@ from .data import Dataset, expand_inputs
 from .decode_pool import resolve_workers
 from .errors import DataError, ToolkitError
 from .images import decode_image
-from .metrics import Calibration, ConfusionMatrix, top_confusions
+from .metrics import Calibration, ConfusionMatrix, log_softmax, top_confusions
 from .preprocess import to_uint8
 from .runtime.base import Runner
 
@@ -265,13 +265,14 @@ def evaluate(runner: Runner, dataset: Dataset, batch_size: int = 256,
     done = 0
     for logits in iterate_logits(runner, data, batch_size, timing=timing, progress=progress, workers=workers):
         n = len(logits)
-        metrics.add_scores(data.labels[done:done + n], logits)
-        predictions[done:done + n] = logits.argmax(1)
         labels = data.labels[done:done + n]
-        probabilities = softmax(logits)
+        metrics.add_scores(labels, logits)
+        predictions[done:done + n] = logits.argmax(1)
+        log_probs = log_softmax(logits)  # once per batch: confidences, true-class probability, calibration
+        probabilities = np.exp(log_probs)
         confidences[done:done + n] = probabilities.max(1)
         true_probabilities[done:done + n] = probabilities[np.arange(n), labels]
-        calibration.add_logits(labels, logits)
+        calibration.add_log_probs(labels, log_probs)
         done += n
     describe = runner.describe()
     return EvalReport(

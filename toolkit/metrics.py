@@ -283,16 +283,21 @@ class Calibration:
 
     def add_logits(self, labels: np.ndarray, logits: np.ndarray) -> Calibration:
         """Count one batch of (labels, logits (N, classes)); probabilities are their softmax."""
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         logits = np.asarray(logits)
-        if logits.ndim != 2 or len(logits) != len(labels):
-            raise InputError(f"logits must be shaped ({len(labels)}, classes), got {logits.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
-            raise InputError(f"labels outside 0..{logits.shape[1] - 1}")
-        log_probs = log_softmax(logits)
+        if logits.ndim != 2:
+            raise InputError(f"logits must be shaped (N, classes), got {logits.shape}")
+        return self.add_log_probs(labels, log_softmax(logits))
+
+    def add_log_probs(self, labels: np.ndarray, log_probs: np.ndarray) -> Calibration:
+        """Count one batch from its log-probabilities (N, classes), for callers that have them already."""
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if log_probs.ndim != 2 or len(log_probs) != len(labels):
+            raise InputError(f"logits must be shaped ({len(labels)}, classes), got {log_probs.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= log_probs.shape[1]):
+            raise InputError(f"labels outside 0..{log_probs.shape[1] - 1}")
         probs = np.exp(log_probs)
         rows = np.arange(len(labels))
-        predicted = np.asarray(logits).argmax(1)
+        predicted = log_probs.argmax(1)
         self.add_confidences(probs[rows, predicted], predicted == labels)
         self.nll_sum += float(-log_probs[rows, labels].sum())
         true_prob = probs[rows, labels]
