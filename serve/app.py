@@ -26,7 +26,7 @@ from toolkit.runtime.base import Runner
 
 from .batcher import DynamicBatcher
 from .config import ServeConfig
-from .errors import error_response
+from .errors import error_answer, error_response, internal_error_answer
 from .routes import ROUTERS
 from .state import ServerState
 
@@ -80,7 +80,7 @@ def _add_error_handlers(app: FastAPI, config: ServeConfig) -> None:
 
     @app.exception_handler(ToolkitError)
     async def toolkit_error(_: Request, exc: ToolkitError) -> JSONResponse:
-        return error_response(exc.http_status, str(exc), retry_after=config.retry_after_s)
+        return error_answer(exc, config)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -93,8 +93,7 @@ def _add_error_handlers(app: FastAPI, config: ServeConfig) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error", exc_info=exc)
-        return error_response(500, f"internal server error ({type(exc).__name__}); see the server log")
+        return internal_error_answer(exc)
 
 
 async def _start_grpc(state: ServerState) -> Any:

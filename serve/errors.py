@@ -7,11 +7,16 @@ mistake, from a wrong API key to an image it cannot decode.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from starlette.responses import JSONResponse
 
 from toolkit.errors import InputError, ToolkitError
+
+from .config import ServeConfig
+
+log = logging.getLogger("toolkit.serve")
 
 
 class ServiceUnavailableError(ToolkitError):
@@ -73,3 +78,15 @@ def error_response(status: int, message: str, retry_after: int | None = None, *,
     if close:
         headers["Connection"] = "close"
     return JSONResponse({"error": message, **extra}, status_code=status, headers=headers or None)
+
+
+def error_answer(exc: ToolkitError, config: ServeConfig) -> JSONResponse:
+    """The answer to a ToolkitError raised while handling a request: its status and message."""
+    return error_response(exc.http_status, str(exc), retry_after=config.retry_after_s)
+
+
+def internal_error_answer(exc: Exception) -> JSONResponse:
+    """A 500 for the server's own failure (a backend error): logged with its traceback, answered with its
+    type only. The body was read, so the keep-alive connection stays usable."""
+    log.error("internal error", exc_info=exc)
+    return error_response(500, f"internal server error ({type(exc).__name__}); see the server log")

@@ -6,8 +6,9 @@ draining; the process exits (code 0) once no request is in flight, or after `dra
 A second signal exits immediately. A model whose warm-up fails stops the server: `serve` raises
 `ServeStartupError` with the reason (the CLI exits 1).
 
-The connection layer is `serve.connection` (h11 with header size/time limits and a connection
-cap); the request guard is `serve.guards`. `serve` runs everything in this one process;
+The connection layer is `serve.connection` (httptools with header size/time limits and a
+connection cap); the request guard is `serve.guards`, behind it `serve.hotpath` answers the two
+inference routes without FastAPI's per-request machinery. `serve` runs everything in this one process;
 `serve.workers.serve_workers` (`toolkit serve --workers N`, N > 1) runs N such front ends as worker
 processes sharing the listening socket, feeding one inference process.
 """
@@ -30,6 +31,7 @@ from .config import ServeConfig
 from .connection import protocol_for
 from .errors import ServeStartupError
 from .guards import guarded
+from .hotpath import HotPath
 from .state import ServerState
 
 log = logging.getLogger("toolkit.serve")
@@ -69,11 +71,10 @@ def uvicorn_config(runner: Runner, config: ServeConfig, app: Any = None,
     options: dict[str, object] = {
         "host": config.host, "port": config.port, "log_level": "info", "access_log": False,
         "timeout_graceful_shutdown": config.drain_timeout_s, "lifespan": "on", "server_header": False,
-        "http": protocol_for(config), "timeout_keep_alive": config.keep_alive_s,
-        "h11_max_incomplete_event_size": config.max_header_kb * 1024,
+        "http": protocol_for(config), "ws": "none", "timeout_keep_alive": config.keep_alive_s,
     }
     options.update(overrides)
-    return uvicorn.Config(guarded(app, state), **options), state  # type: ignore[arg-type]
+    return uvicorn.Config(guarded(HotPath(app, state), state), **options), state  # type: ignore[arg-type]
 
 
 def serve(runner: Runner, config: ServeConfig, **overrides: object) -> None:

@@ -25,6 +25,51 @@ def test_plan_always_starts_with_torch_and_rejects_unknown_names():
         plan(None, ["int4"])
 
 
+def test_plan_runs_the_torch_rows_at_the_run_precision():
+    """Issue 12: --precision is the compute precision of the torch and TorchScript rows (--formats chooses
+    them; --precisions still chooses the exported files), after the torch fp32 reference."""
+    from export.benchmark import plan
+
+    def names(*args):
+        return [f"{v.format} {v.precision}" for v in plan(*args)]
+
+    assert names(None, None, "bf16")[:4] == ["torch fp32", "torch bf16", "torchscript bf16", "onnx fp32"]
+    assert names(["torch", "onnx"], ["int8"], "fp16") == ["torch fp32", "torch fp16", "onnx int8"]
+    assert names(["torchscript"], None, "fp32") == ["torch fp32", "torchscript fp32"]
+    assert names(["torch"], None, "fp32") == ["torch fp32"]  # the reference itself: no second row
+    with pytest.raises(UsageError, match="add one of them to --formats"):
+        plan(["onnx"], None, "bf16")
+    with pytest.raises(UsageError, match="for --precision"):
+        plan(None, None, "int8")
+
+
+def test_benchmark_precision_runs_torch_and_torchscript_rows_at_bf16(sample_model, monkeypatch):
+    import toolkit.runtime.registry as registry
+
+    opened = []
+    real_open = registry.open_model
+
+    def spy(model, backend="auto", device="cpu", **options):
+        runner = real_open(model, backend=backend, device=device, **options)
+        opened.append((backend, options.get("precision"), runner.precision))
+        return runner
+
+    monkeypatch.setattr(registry, "open_model", spy)
+    result = CliRunner().invoke(app, ["benchmark", "-m", str(sample_model), "--dataset", "sample",
+                                      "--formats", "torch,torchscript", "--precision", "bf16", "--limit", "64",
+                                      "--batch-sizes", "16", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)["rows"]}
+    assert list(rows) == ["torch fp32", "torch bf16", "torchscript bf16"]
+    for name, row in rows.items():
+        assert row["status"] == "ok", (name, row["error"])
+        assert row["agreement"] >= 0.9 and row["accuracy"] > 0.9 and row["throughput"] > 0
+    assert rows["torch fp32"]["speedup"] == 1.0 and rows["torch bf16"]["mcnemar_p"] is not None
+    # the fp32 reference (and the timing images) open at fp32; the rows at bf16, as the runners report
+    assert ("torch", "bf16", "bf16") in opened and ("torchscript", "bf16", "bf16") in opened
+    assert all(got == "fp32" for backend, asked, got in opened if asked is None)
+
+
 def test_benchmark_rows_json_and_chart(sample_model, tmp_path, monkeypatch):
     import export.benchmark as bench
 

@@ -48,6 +48,46 @@ def test_openvino_hints_agree(sample_onnx_fp32, sample_test, reference_logits, h
     np.testing.assert_allclose(logits, reference_logits[:37], atol=1e-4, rtol=1e-3)
 
 
+def _count_runs(monkeypatch, backend: str, fail: bool = False) -> list[int]:
+    """Patch the backend's inference methods to record each batch's size (and fail, if asked)."""
+    from toolkit.runtime.registry import backend_class
+
+    cls = backend_class(backend)
+    sizes: list[int] = []
+    for name in ("_infer", "_infer_parallel"):
+        real = getattr(cls, name, None)
+        if real is None:
+            continue
+
+        def run(self, batch, *args, _real=real):
+            sizes.append(len(batch))
+            if fail:
+                raise RuntimeError("kaboom: no kernel for this node\ndetails")
+            return _real(self, batch, *args)
+
+        monkeypatch.setattr(cls, name, run)
+    return sizes
+
+
+@pytest.mark.parametrize(("backend", "calls"), [("onnxruntime", 1), ("openvino", 1), ("torch", 2)])
+def test_every_runner_warms_up_at_load(sample_onnx_fp32, sample_model, monkeypatch, backend, calls):
+    """Issue 12: kernels, arenas and plans are made at load; evaluate also sets its first batch apart."""
+    model = sample_model if backend == "torch" else sample_onnx_fp32
+    sizes = _count_runs(monkeypatch, backend)
+    with open_model(model, backend=backend):
+        assert len(sizes) == calls and sum(sizes) >= calls
+    with open_model(model, backend=backend, warmup=0):
+        assert len(sizes) == calls
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_model_that_loads_but_cannot_run_fails_at_load_in_one_line(sample_onnx_fp32, monkeypatch, backend):
+    _count_runs(monkeypatch, backend, fail=True)
+    with pytest.raises(ModelFormatError, match=r"cannot run it \(kaboom: no kernel for this node\)") as info:
+        open_model(sample_onnx_fp32, backend=backend)
+    assert sample_onnx_fp32.name in str(info.value) and "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_corrupt_onnx_is_one_line_model_format_error(tmp_path, backend):
     bad = tmp_path / "bad.onnx"

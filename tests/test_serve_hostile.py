@@ -114,7 +114,7 @@ def _connect(port: int) -> socket.socket:
 
 @pytest.mark.parametrize("complete", [False, True])
 def test_oversized_request_head_is_431_and_never_read_whole(server, base, complete):
-    """Incomplete (still arriving) and complete heads alike: h11 alone lets a complete one through."""
+    """Incomplete (still arriving) and complete heads alike: a parser alone lets a complete one through."""
     with _connect(server[1]) as sock:
         end = b"\r\n\r\n" if complete else b""
         sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (20 * 1024) + end)

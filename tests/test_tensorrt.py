@@ -281,7 +281,8 @@ def test_simulated_build_run_and_triton(simulated_tensorrt, onnx_files, sample_c
         assert isinstance(runner, TensorRTRunner) and runner.max_batch_size == 16
         np.testing.assert_allclose(runner(batch), expected, atol=1e-5)
         np.testing.assert_allclose(runner(batch[:1]), expected[:1], atol=1e-5)  # padded to the profile's min
-        assert trt.engines[-1].calls == [16, 16, 5, 2]
+        # the warm-up at load (one image, padded to the profile's min 2), then 37 as 16 + 16 + 5, then 1 -> 2
+        assert trt.engines[-1].calls == [2, 16, 16, 5, 2]
         assert runner.describe()["gpu"] == "Simulated GPU"
     assert not cudart.buffers  # close() freed device and pinned memory
 

@@ -53,6 +53,30 @@ def test_accuracy_gate_fails_below_threshold(sample_model):
     assert code == 1 and "accuracy_below_threshold" in codes(data)
 
 
+def test_accuracy_gate_runs_at_the_asked_precision(sample_model):
+    """Issue 12: --precision (and --device) reach the gate's runner; the report says what it ran at."""
+    code, data = report("-m", str(sample_model), "--dataset", "sample", "--limit", "200", "--precision", "bf16",
+                        "--min-accuracy", "0.9")
+    assert code == 0 and data["valid"], data["problems"]
+    assert (data["accuracy_precision"], data["accuracy_device"]) == ("bf16", "cpu")
+    assert data["accuracy"] >= 0.9 and data["accuracy_samples"] == 200
+    code, data = report("-m", str(sample_model), "--dataset", "sample", "--limit", "50")
+    assert (data["accuracy_precision"], data["accuracy_device"]) == ("fp32", "cpu")
+    code, data = report("-m", str(sample_model), "--dataset", "sample", "--limit", "100", "--precision", "bf16",
+                        "--min-accuracy", "100")
+    failed = [p["message"] for p in data["problems"] if p["code"] == "accuracy_below_threshold"]
+    assert code == 1 and "(bf16 on cpu)" in failed[0]
+    human = invoke("-m", str(sample_model), "--dataset", "sample", "--limit", "50", "--precision", "bf16")
+    assert human.exit_code == 0 and "(bf16 on cpu)" in human.stdout
+
+
+@pytest.mark.parametrize("args", [["--precision", "bf16"], ["--device", "cuda"], ["--precision", "int8"],
+                                  ["--dataset", "sample", "--device", "gpu"]])
+def test_gate_options_without_a_measurement_or_unknown_are_usage_errors(sample_model, args):
+    result = invoke("-m", str(sample_model), *args)
+    assert result.exit_code == 2, result.output
+
+
 def test_human_summary_names_architecture(sample_model):
     result = invoke("-m", str(sample_model))
     assert result.exit_code == 0

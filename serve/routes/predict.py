@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import numpy as np
@@ -28,6 +29,7 @@ State = Annotated[ServerState, Depends(get_state)]
 router = APIRouter()
 ZIP_TYPES = ("application/zip", "application/x-zip-compressed")
 MAX_EVALUATE_FILES = 100_000
+NOT_IMAGES = ("application/x-www-form-urlencoded", "application/json", "text/")
 
 
 async def uploads(request: Request, max_files: int) -> tuple[list[tuple[str, bytes]], list[str], Any]:
@@ -47,22 +49,32 @@ async def uploads(request: Request, max_files: int) -> tuple[list[tuple[str, byt
             elif key in ("labels", "label"):
                 labels.append(value)
         return files, labels, form
-    if content_type.startswith(("application/x-www-form-urlencoded", "application/json", "text/")):
+    check_raw_type(content_type)
+    return raw_upload(request.headers.get("x-filename"), await request.body()), [], None
+
+
+def check_raw_type(content_type: str) -> None:
+    """A raw body must be the image itself: form, JSON and text bodies are refused (415)."""
+    if content_type.startswith(NOT_IMAGES):
         raise UnsupportedMediaError(f"unsupported Content-Type {content_type!r}: send multipart/form-data "
                                     "files or the raw image bytes as the body")
-    body = await request.body()
-    return ([(request.headers.get("x-filename") or "body", body)] if body else []), [], None
+
+
+def raw_upload(filename: str | None, body: bytes) -> list[tuple[str, bytes]]:
+    """The one upload of a raw image body, named by `X-Filename` (none for an empty body)."""
+    return [(filename or "body", body)] if body else []
 
 
 async def decode_all(state: ServerState, files: list[tuple[str, bytes]],
                      normalise: bool = False) -> list[np.ndarray | ToolkitError]:
-    """Each file decoded in the pool: uint8 HxWx3, or float32 (1,3,H,W) when `normalise`."""
+    """Each file decoded (off the event loop unless small, `ServerState.offload`): uint8 HxWx3, or
+    float32 (1,3,H,W) when `normalise`."""
     load = load_batch if normalise else load_uint8
     card, max_pixels = state.runner.card, state.config.max_pixels
 
     async def one(name: str, data: bytes) -> np.ndarray | ToolkitError:
         try:
-            return await state.in_pool(load, data, card, max_pixels=max_pixels, name=name)
+            return await state.offload(len(data), load, data, card, max_pixels=max_pixels, name=name)
         except ToolkitError as exc:
             return exc
 
@@ -71,6 +83,16 @@ async def decode_all(state: ServerState, files: list[tuple[str, bytes]],
 
 @router.post("/predict")
 async def predict(request: Request, state: State, top_k: int = 5) -> Response:
+    async def files() -> list[tuple[str, bytes]]:
+        return (await uploads(request, state.config.max_images))[0]
+
+    return await answer_predict(state, top_k, files)
+
+
+async def answer_predict(state: ServerState, top_k: int,
+                         read_files: Callable[[], Awaitable[list[tuple[str, bytes]]]]) -> Response:
+    """The /predict answer: top-k per uploaded image, a bad image answered in its own entry. Served by
+    the route above and, for raw image bodies, by `serve.hotpath` without FastAPI's machinery."""
     batcher = state.require_ready()
     config, card = state.config, state.runner.card
     if top_k < 1:
@@ -81,7 +103,7 @@ async def predict(request: Request, state: State, top_k: int = 5) -> Response:
         from toolkit.evaluate import softmax, top_k_entries
 
         began = time.perf_counter()
-        files, _, _ = await uploads(request, config.max_images)
+        files = await read_files()
         if not files:
             raise InputError("no image: send multipart/form-data with one or more files, or the image bytes "
                              "as the request body")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -23,7 +24,7 @@ from ..state import ServerState, get_state
 
 State = Annotated[ServerState, Depends(get_state)]
 router = APIRouter()
-POOL_ABOVE = 65536  # JSON bodies larger than this (big JSON tensors) are parsed off the event loop
+INLINE_JSON_BYTES = 65536  # JSON bodies up to this size are parsed on the event loop (a thread hop costs more)
 
 
 async def _json_body(request: Request) -> Any:
@@ -188,18 +189,28 @@ async def cuda_unregister(region: str | None = None) -> dict[str, Any]:
 @router.post("/v2/models/{name}/infer")
 @router.post("/v2/models/{name}/versions/{version}/infer")
 async def infer(request: Request, state: State, name: str, version: str | None = None) -> Response:
+    headers = request.headers
+    return await answer_infer(state, name, version, request.body, headers.get(HEADER_LENGTH),
+                              headers.get("content-encoding"))
+
+
+async def answer_infer(state: ServerState, name: str, version: str | None,
+                       read_body: Callable[[], Awaitable[bytes]], header_length: str | None,
+                       content_encoding: str | None) -> Response:
+    """One v2 inference request answered: served by the route above and by `serve.hotpath`, which
+    calls it without FastAPI's per-request machinery."""
     state.check_model(name, version)
     batcher = state.require_ready()
     config, card, extensions = state.config, state.runner.card, state.extensions
 
     async def work(timing: RequestTiming) -> Response:
         began = time.perf_counter()
-        body = await request.body()
-        headers = request.headers
-        args = (body, headers.get(HEADER_LENGTH), headers.get("content-encoding"), config, card, extensions)
-        if len(body) > POOL_ABOVE and args[1] is None:
-            parsed, batch = await state.in_pool(protocol.parse_infer, *args)
-        else:
+        body = await read_body()
+        args = (body, header_length, content_encoding, config, card, extensions)
+        if header_length is None:  # JSON tensors: big ones are parsed off the event loop
+            parsed, batch = await state.offload(len(body), protocol.parse_infer, *args,
+                                                inline_below=INLINE_JSON_BYTES)
+        else:  # binary tensors are views of the body (numpy.frombuffer): no work worth a thread
             parsed, batch = protocol.parse_infer(*args)
         timing.input_s = time.perf_counter() - began
         logits = await batcher.infer(batch, timing)
