@@ -4,7 +4,9 @@ Model: CIFAR ResNet-56 exported to ONNX with RANDOM weights (BatchNorm statistic
 random images, so activations stay in range): speed does not depend on the weight values.
 
 Reports, all as ratios against baselines measured in the same run, as a table over `--workers 1, 2,
-4, ...` (up to the cores present; issue 11), plus the runner-per-worker alternative at the largest count:
+4, ...` (up to the cores present; issue 11) in the default arrangement (ONNX Runtime on CPU: a model in
+every worker), plus the other arrangement at the largest count (one inference process whose one
+batcher every worker feeds: what GPUs use):
   1. offline best-batch throughput of the ONNX Runtime Runner (batch 1..64) and its batch-1 latency;
   2. server throughput, 32 concurrent clients sending CIFAR-size PNGs: batching on vs the offline best
      (target >= 0.8x) and vs batching off (--max-batch-size 1; expect ~1.3x);
@@ -16,8 +18,9 @@ The load generator is a lean asyncio HTTP/1.1 keep-alive client (a few µs per r
 figures measure the server, not the client. Client and server share this machine's CPU cores.
 
 Server CPU per request: user+sys of every server process (parent, workers, inference process) over
-the measurement, per request; "outside the model" subtracts the Runner's own CPU per image measured
-offline at the batch size the server actually formed (nearest measured size).
+the measurement, per request; "outside the model" subtracts the CPU of the threads that run the model
+(every server thread but the processes' main threads, which run the event loops, and the decode
+pools' threads), as /proc reports them.
 
     python bench/bench_serve.py [--requests 1500] [--workers 1,2] [--load-test] [--onnx PATH]
 """
@@ -104,13 +107,6 @@ def offline(runner, card, images: np.ndarray) -> dict[str, Any]:
             "cpu_per_image": cpu_per_image}
 
 
-def model_cpu_s(base: dict, images: int, mean_batch: float) -> float:
-    """The runner's own CPU for `images` run at `mean_batch` (offline figures, nearest measured size)."""
-    sizes = sorted(base["cpu_per_image"])
-    nearest = min(sizes, key=lambda s: abs(s - mean_batch))
-    return images * base["cpu_per_image"][nearest]
-
-
 def tree(pid: int) -> set[int]:
     """`pid` and every process below it (the server's workers and inference process)."""
     parents: dict[int, int] = {}
@@ -139,22 +135,21 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
-def model_threads_cpu_s(pid: int) -> float | None:
-    """CPU seconds of the inference process's threads other than its main thread (the runner threads
-    and ONNX Runtime's pools): the model's own compute. None for a one-process server."""
+def model_threads_cpu_s(pid: int) -> float:
+    """CPU seconds of the threads that run the model in every server process: all but each process's
+    main thread (its event loop: HTTP, JSON, IPC) and the decode pool's threads (named toolkit-decode)
+    — the batcher's runner threads and ONNX Runtime's pools."""
     tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
     for member in tree(pid):
         with contextlib.suppress(OSError):
-            if Path(f"/proc/{member}/comm").read_text().strip() != "toolkit-infer":
-                continue
-            total = 0.0
             for task in Path(f"/proc/{member}/task").iterdir():
-                if task.name != str(member):
-                    with contextlib.suppress(OSError, IndexError, ValueError):
-                        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                        total += (int(fields[11]) + int(fields[12])) / tick
-            return total
-    return None
+                if task.name == str(member) or (task / "comm").read_text().strip() == "toolkit-decode":
+                    continue
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -240,12 +235,12 @@ def free_port() -> int:
 
 
 def start_server(onnx: Path, port: int, max_batch_size: int, workers: int = 1,
-                 per_worker: bool = False) -> subprocess.Popen:
+                 shared: bool = False) -> subprocess.Popen:
 
     process = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", "-m", str(onnx),
                                 "--name", "r56", "--grpc-port", "0", "--workers", str(workers),
                                 "--port", str(port), "--max-batch-size", str(max_batch_size),
-                                "--max-queue", "512"] + (["--runner-per-worker"] * per_worker),
+                                "--max-queue", "512"] + (["--shared-runner"] * shared),
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return wait_until_ready(process, port, timeout_s=90)
 
@@ -357,7 +352,7 @@ def main() -> None:
                         help="comma-separated --workers values for the scaling table (default: 1, 2, 4, ... "
                         "up to the cores present)")
     parser.add_argument("--no-alternative", action="store_true",
-                        help="skip the runner-per-worker measurement")
+                        help="skip the measurement of the other arrangement (--shared-runner)")
     args = parser.parse_args()
     args.workers = sorted(int(w) for w in str(args.workers).split(","))
 
@@ -407,55 +402,46 @@ def main() -> None:
         return [("POST", "/v2/models/r56/infer", v2_bodies[i % len(v2_bodies)], v2_headers,
                  int(expected_top1[i % len(pngs)])) for i in range(n)]
 
-    def measure(port: int, server: subprocess.Popen, work: list, concurrency: int,
-                per_worker: bool = False) -> dict[str, float]:
+    def measure(port: int, server: subprocess.Popen, work: list, concurrency: int) -> dict[str, float]:
         before, cpu, model0 = scrape(port), tree_cpu_s(server.pid), model_threads_cpu_s(server.pid)
         seconds, latencies, results = asyncio.run(load(port, work, concurrency))
         used, after, model1 = tree_cpu_s(server.pid) - cpu, scrape(port), model_threads_cpu_s(server.pid)
         images = after["nv_inference_count"] - before["nv_inference_count"]
         execs = max(1.0, after["nv_inference_exec_count"] - before["nv_inference_exec_count"])
         mean_batch = images / execs if images else 1.0
-        if per_worker:  # each worker counts alone (no merged metrics): the batch size is unknown
-            mean_batch = float("nan")
-        measured = model0 is not None and model1 is not None
-        if measured:  # the inference process's model threads, measured
-            outside = used - (model1 - model0)  # type: ignore[operator]
-        else:  # one process: the model's CPU estimated from the offline run at this batch size
-            outside = used - model_cpu_s(base, len(work), 1.0 if per_worker else mean_batch)
+        outside = used - (model1 - model0)
         return {"ips": len(work) / seconds, "p50": pct(latencies, 50), "p99": pct(latencies, 99),
                 "wrong": sum(1 for s, b, e in results if s != 200 or top1(b) != e), "batch": mean_batch,
                 "cpu_us": 1e6 * used / len(work), "outside_us": 1e6 * outside / len(work),
-                "measured": measured}
+                "model_us": 1e6 * (model1 - model0) / len(work)}
 
     runs = [(w, 32, False) for w in args.workers] + [(args.workers[-1], 1, False)]
     if args.workers[-1] > 1 and not args.no_alternative:
         runs.append((args.workers[-1], 32, True))
     table: dict[tuple[int, int, bool], dict[str, dict[str, float]]] = {}
-    print("\n| workers | mode | PNG /predict c=32 img/s (x offline best) | binary v2 c=32 img/s (x) "
-          "| mean batch | c=1 p50 ms | server CPU/request (PNG), all / outside the model |")
+    print("\n| workers | arrangement | PNG /predict c=32 img/s (x offline best) | binary v2 c=32 img/s (x) "
+          "| mean batch | c=1 p50 ms | server CPU per PNG request: all / model / outside the model |")
     print("|---:|---|---:|---:|---:|---:|---:|")
-    for workers, max_batch, per_worker in runs:
+    for workers, max_batch, shared in runs:
         port = free_port()
-        server = start_server(onnx, port, max_batch, workers, per_worker)
+        server = start_server(onnx, port, max_batch, workers, shared)
         try:
             asyncio.run(load(port, jobs(200), 32))  # warm connections and caches
             asyncio.run(load(port, v2_jobs(100), 32))
-            png = measure(port, server, jobs(args.requests), 32, per_worker)
-            v2 = measure(port, server, v2_jobs(args.requests), 32, per_worker)
-            c1 = measure(port, server, jobs(300), 1, per_worker) if max_batch > 1 else None
-            table[(workers, max_batch, per_worker)] = {"png": png, "v2": v2, **({"c1": c1} if c1 else {})}
-            mode = ("runner per worker" if per_worker else "one inference process" if workers > 1
-                    else "one process") + ("" if max_batch > 1 else ", batching off")
+            png = measure(port, server, jobs(args.requests), 32)
+            v2 = measure(port, server, v2_jobs(args.requests), 32)
+            c1 = measure(port, server, jobs(300), 1) if max_batch > 1 else None
+            table[(workers, max_batch, shared)] = {"png": png, "v2": v2, **({"c1": c1} if c1 else {})}
+            mode = ("one process" if workers == 1 else "one inference process (--shared-runner)" if shared
+                    else "a model per worker (default)") + ("" if max_batch > 1 else ", batching off")
             best = base["best_ips"]
             print(f"| {workers} | {mode} | {png['ips']:.0f} ({png['ips'] / best:.2f}x) | "
                   f"{v2['ips']:.0f} ({v2['ips'] / best:.2f}x) | {png['batch']:.1f} | "
                   + (f"{c1['p50']:.2f}" if c1 else "-")
-                  + f" | {png['cpu_us']:.0f} µs / "
-                  + ("n/a |" if per_worker else
-                     ("" if png["measured"] else "≈") + f"{png['outside_us']:.0f} µs |")
+                  + f" | {png['cpu_us']:.0f} / {png['model_us']:.0f} / {png['outside_us']:.0f} µs |"
                   + (f" WRONG {png['wrong'] + v2['wrong']}" if png["wrong"] + v2["wrong"] else ""),
                   flush=True)
-            if args.load_test and max_batch == 32 and not per_worker and workers == args.workers[-1]:
+            if args.load_test and max_batch == 32 and not shared and workers == args.workers[-1]:
                 load_test(port, server, jobs, pngs[0], args.load_rounds, args.load_good, args.load_bad)
         finally:
             code = stop_server(server)
@@ -472,9 +458,9 @@ def main() -> None:
           f"outside the model = {top['png']['outside_us']:.0f} µs (target <= 250)")
     if (args.workers[-1], 32, True) in table:
         alt = table[(args.workers[-1], 32, True)]
-        print(f"runner per worker / one inference process at --workers {args.workers[-1]}: PNG "
-              f"{alt['png']['ips'] / top['png']['ips']:.2f}x, "
-              f"binary v2 {alt['v2']['ips'] / top['v2']['ips']:.2f}x")
+        print(f"a model per worker / one shared inference process at --workers {args.workers[-1]}: PNG "
+              f"{top['png']['ips'] / alt['png']['ips']:.2f}x, "
+              f"binary v2 {top['v2']['ips'] / alt['v2']['ips']:.2f}x")
 
 
 def load_test(port: int, server: subprocess.Popen, jobs, png: bytes, rounds: int = 3, good: int = 600,

@@ -6,6 +6,11 @@ against eager PyTorch), then evaluated with the same `toolkit.evaluate.evaluate`
 size (the best one is reported). OpenVINO rows run the ONNX files the ONNX rows wrote. A row that
 fails records its error and the others still run. This lives in `export/` because it exports;
 `toolkit/` never imports it (the CLI does, inside the command).
+
+`runner_options` (the CLI's `--precision`) are the torch and TorchScript runners' own options:
+with `precision` bf16, say, those rows compute in bf16 (weights cast once; TorchScript's fp32
+archive through autocast) and are labelled so, while the torch fp32 row stays first as the
+reference that agreement, speed-up and McNemar's p are measured against.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +30,13 @@ import numpy as np
 from toolkit.data import Dataset, load_dataset
 from toolkit.errors import ToolkitError, UsageError, first_line
 from toolkit.evaluate import align_dataset, evaluate
-from toolkit.names import EXPORT_PRECISIONS
+from toolkit.names import EXPORT_PRECISIONS, RUN_PRECISIONS
 from toolkit.runtime.base import Runner
 
 FORMATS = ("torch", "torchscript", "onnx", "openvino", "tensorrt")
 PRECISIONS = EXPORT_PRECISIONS
+# rows whose runner computes at a precision of its own choosing (--precision), from an fp32 artifact
+RUN_BACKENDS = ("torch", "torchscript")
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,12 @@ PLAN = (
 )
 
 
-def plan(formats: Sequence[str] | None, precisions: Sequence[str] | None) -> list[Variant]:
-    """The rows to run: torch eager always first (it is the reference for agreement and speed-up)."""
+def plan(formats: Sequence[str] | None, precisions: Sequence[str] | None,
+         run_precision: str | None = None) -> list[Variant]:
+    """The rows to run: torch eager fp32 always first (the reference for agreement and speed-up).
+
+    `precisions` chooses the exported artifacts' precisions; `run_precision` (`--precision`) is the
+    compute precision of the torch and TorchScript rows, which --formats alone then chooses."""
     for name in formats or ():
         if name not in FORMATS:
             raise UsageError(f"unknown format {name!r} for --formats; choose from {', '.join(FORMATS)}")
@@ -70,6 +81,16 @@ def plan(formats: Sequence[str] | None, precisions: Sequence[str] | None) -> lis
                              f"choose from {', '.join(PRECISIONS)}")
     chosen = [v for v in PLAN
               if (not formats or v.format in formats) and (not precisions or v.precision in precisions)]
+    if run_precision is not None:
+        if run_precision not in RUN_PRECISIONS:
+            raise UsageError(f"unknown precision {run_precision!r} for --precision; "
+                             f"choose from {', '.join(RUN_PRECISIONS)}")
+        runs = [replace(v, precision=run_precision) for v in PLAN
+                if v.backend in RUN_BACKENDS and (not formats or v.format in formats)]
+        if not runs:
+            raise UsageError("--precision sets the compute precision of the torch and torchscript rows; "
+                             "add one of them to --formats (--precisions chooses the exported files')")
+        chosen = runs + [v for v in chosen if v.backend not in RUN_BACKENDS]
     return [PLAN[0], *[v for v in chosen if v != PLAN[0]]]
 
 
@@ -143,28 +164,35 @@ class _Artifacts:
         return self.made[key]
 
 
-def _open(variant: Variant, checkpoint: str, artifacts: _Artifacts, device: str,
-          allow_pickle: bool) -> tuple[Runner, Any]:
+def _open(variant: Variant, checkpoint: str, artifacts: _Artifacts, device: str, allow_pickle: bool,
+          runner_options: dict[str, Any] | None = None) -> tuple[Runner, Any]:
+    """The row's runner (and its export result). The torch and TorchScript rows other than the fp32
+    reference get `runner_options` at the row's precision, and run the fp32 artifact."""
     from toolkit.runtime.registry import open_model
 
+    options: dict[str, Any] = {}
+    if variant.backend in RUN_BACKENDS and variant != PLAN[0]:
+        options = {**(runner_options or {}), "precision": variant.precision}
     if variant.format == "torch":
-        options = {"allow_pickle": True} if allow_pickle else {}
+        if allow_pickle:
+            options["allow_pickle"] = True
         return open_model(checkpoint, backend="torch", device=device, **options), None
     if variant.backend == "tensorrt" and not device.startswith("cuda"):
         raise UsageError("TensorRT needs --device cuda and a GPU with TensorRT installed")
     source = "onnx" if variant.format == "openvino" else variant.format
-    result = artifacts.get(source, variant.precision)
-    return open_model(result.path, backend=variant.backend, device=device), result
+    result = artifacts.get(source, "fp32" if variant.backend in RUN_BACKENDS else variant.precision)
+    return open_model(result.path, backend=variant.backend, device=device, **options), result
 
 
 def _row(variant: Variant, checkpoint: str, artifacts: _Artifacts, data: Dataset, timing_images: np.ndarray,
          batch_sizes: Sequence[int], device: str, allow_pickle: bool, reference: dict[str, Any] | None,
-         latency_runs: int, min_seconds: float) -> dict[str, Any]:
+         latency_runs: int, min_seconds: float,
+         runner_options: dict[str, Any] | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"name": variant.label, "format": variant.format, "precision": variant.precision,
                            "backend": variant.backend, "status": "ok", "error": None}
     started = time.perf_counter()
     try:
-        runner, export = _open(variant, checkpoint, artifacts, device, allow_pickle)
+        runner, export = _open(variant, checkpoint, artifacts, device, allow_pickle, runner_options)
         if export is not None:
             row.update(file=str(export.path), size_bytes=export.size_bytes, export_seconds=export.seconds)
             if export.verify is not None:
@@ -211,8 +239,12 @@ def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = Non
                   split: str = "test", limit: int | None = None, batch_sizes: Sequence[int] = (32, 128),
                   device: str = "cpu", output_dir: str | Path | None = None, allow_pickle: bool = False,
                   progress: bool = False, latency_runs: int = 30, min_seconds: float = 0.5,
-                  calib_size: int = 512, verify_samples: int = 512) -> dict[str, Any]:
-    """Every row of the table as a dict, plus what was measured on; writes JSON + chart to output_dir."""
+                  calib_size: int = 512, verify_samples: int = 512,
+                  runner_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every row of the table as a dict, plus what was measured on; writes JSON + chart to output_dir.
+
+    `runner_options`: the torch and TorchScript runners' options (`precision`: their rows' compute
+    precision); the torch fp32 reference row runs without them."""
     from toolkit.runtime.registry import detect_format
 
     if detect_format(checkpoint) != "checkpoint":
@@ -220,7 +252,8 @@ def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = Non
                          f"not {checkpoint}")
     if not batch_sizes or min(batch_sizes) < 1:
         raise UsageError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
-    variants = _without_unusable_tensorrt(plan(formats, precisions), device)
+    variants = _without_unusable_tensorrt(plan(formats, precisions, (runner_options or {}).get("precision")),
+                                          device)
     data = load_dataset(dataset, data_dir, split).subset(limit)
     keep = output_dir is not None
     folder = Path(output_dir if output_dir is not None else tempfile.mkdtemp(prefix="toolkit-benchmark-"))
@@ -238,7 +271,7 @@ def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = Non
             if timing_images is None:
                 timing_images = _timing_images(checkpoint, data, allow_pickle)
             row = _row(variant, str(checkpoint), artifacts, data, timing_images, batch_sizes, device,
-                       allow_pickle, reference, latency_runs, min_seconds)
+                       allow_pickle, reference, latency_runs, min_seconds, runner_options)
             if variant == PLAN[0]:
                 if row["status"] != "ok":
                     raise ToolkitError(f"the PyTorch reference itself failed: {row['error']}")

@@ -27,6 +27,7 @@ from toolkit.runtime.base import Runner
 from .batcher import DynamicBatcher
 from .config import ServeConfig
 from .errors import error_answer, error_response, internal_error_answer
+from .ipc import _name_process
 from .routes import ROUTERS
 from .state import ServerState
 
@@ -36,27 +37,30 @@ log = logging.getLogger("toolkit.serve")
 def create_app(runner: Runner, config: ServeConfig, remote: Any = None) -> FastAPI:
     """The server around one opened Runner (the caller keeps ownership and closes it).
 
-    In a front-end worker process (`serve.workers`), `runner` only describes the model and `remote`
-    (a `serve.remote.RemoteBatcher`) stands in for the batcher: inference runs in the inference
-    process, which also decides readiness (warm-up there, every worker connected).
+    In a front-end worker process (`serve.workers`), `remote` (a `serve.remote.RemoteBatcher`) links
+    it to the inference process, which decides readiness and merges the statistics. When the model
+    is shared, `runner` only describes it and `remote` stands in for the batcher; when every worker
+    runs its own model, `runner` is that model and `remote` hears of its warm-up.
     """
     state = ServerState(config=config, runner=runner, remote=remote)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         state.loop = asyncio.get_running_loop()
-        state.pool = ThreadPoolExecutor(max_workers=max(1, config.decode_workers),
-                                        thread_name_prefix="toolkit-decode")
+        state.pool = ThreadPoolExecutor(max_workers=max(1, config.decode_workers),  # named for `top -H`
+                                        thread_name_prefix="toolkit-decode", initializer=_name_process,
+                                        initargs=("toolkit-decode",))
         if remote is not None:
-            state.batcher = remote
             await remote.start(state)
+        if remote is not None and remote.shares_model:
+            state.batcher = remote
         else:
             state.batcher = DynamicBatcher(runner, state.stats, max_batch_size=config.max_batch_size,
                                            max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
                                            timeout_s=config.timeout_s)
             await state.batcher.start()
         grpc_server = await _start_grpc(state) if config.grpc_port else None
-        warm = asyncio.create_task(_warm_up(state) if remote is None else asyncio.sleep(0))
+        warm = asyncio.create_task(_warm_up(state) if state.batcher is not remote else asyncio.sleep(0))
         try:
             yield
         finally:
@@ -65,6 +69,8 @@ def create_app(runner: Runner, config: ServeConfig, remote: Any = None) -> FastA
                 await grpc_server.stop(grace=min(5.0, config.drain_timeout_s))
             state.extensions.shm.close()
             await state.batcher.stop()
+            if remote is not None and state.batcher is not remote:
+                await remote.stop()
             state.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="toolkit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -125,8 +131,12 @@ async def _warm_up(state: ServerState) -> None:
             for size in sorted({1, max(1, state.config.max_batch_size)}):
                 batch = np.zeros((size, *card.input_size), dtype=np.float32)
                 await loop.run_in_executor(None, state.batcher.run_sync, batch)
-        state.ready = True
-        log.info("model %s ready", state.config.name)
+        if state.remote is not None:  # one worker of several: the inference process says when all are
+            state.remote.warmed()
+            log.info("model %s warmed up in this worker", state.config.name)
+        else:
+            state.ready = True
+            log.info("model %s ready", state.config.name)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001 - reported as the reason the server stops, not a traceback

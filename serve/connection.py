@@ -48,7 +48,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._max_head = self.limits.max_header_kb * 1024
-        self._in_head = True  # between the end of a request (or the connection's start) and its next head's end
+        self._in_head = True  # from a request's end (or the connection's start) to the next head's end
         self._head_bytes = 0  # bytes received while in a head
         self._tail = b""  # the last bytes of the previous read: a head's end may straddle two reads
         self._head_timer: asyncio.TimerHandle | None = None
@@ -69,7 +69,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._in_head and self._head_too_large(data):
             self._cancel_head_timer()
-            self._refuse(431, f"request line and headers are over the limit of {self.limits.max_header_kb} KB")
+            limit = self.limits.max_header_kb
+            self._refuse(431, f"request line and headers are over the limit of {limit} KB")
             return
         self._unset_keepalive_if_required()
         try:

@@ -80,7 +80,8 @@ class HotPath:
 
         await self._answer(scope, receive, send, lambda: answer_predict(self.state, top_k, files))
 
-    async def _infer(self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None) -> None:
+    async def _infer(self, scope: Scope, receive: Receive, send: Send, name: str,
+                     version: str | None) -> None:
         headers = _headers(scope)
         length, encoding = headers.get(b"inference-header-content-length"), headers.get(b"content-encoding")
 

@@ -43,7 +43,9 @@ def _attach(name: str, size: int) -> mmap.mmap:
         return mmap.mmap(handle.fileno(), size)
 
 
-def _close_shm(shm: SharedMemory) -> None:
+def _close_shm(shm: SharedMemory | None) -> None:
+    if shm is None:
+        return
     with contextlib.suppress(BufferError, FileNotFoundError, OSError):
         shm.close()
     with contextlib.suppress(FileNotFoundError, OSError):

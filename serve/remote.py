@@ -4,6 +4,10 @@
 stands in for the DynamicBatcher: it writes a request's batch into a free shared-memory slot (inline
 when larger than a slot), sends it to the inference process and awaits the logits. It also follows
 readiness as the inference process announces it, and answers 503 at once when that process is gone.
+
+With a model in every worker (`shares_model=False`, the CPU default for ONNX Runtime) the worker
+batches and runs its own requests; the link then only carries readiness (this worker's warm-up
+reported by `warmed()`) and statistics, so `/metrics` still counts every process.
 """
 
 from __future__ import annotations
@@ -57,8 +61,10 @@ class _Pending:
 class RemoteBatcher:
     """`await infer(batch, timing)` in a worker; the DynamicBatcher of the inference process answers."""
 
-    def __init__(self, path: str, index: int, runner: Runner, config: ServeConfig) -> None:
+    def __init__(self, path: str, index: int, runner: Runner, config: ServeConfig,
+                 shares_model: bool = True) -> None:
         self.path, self.index, self.runner = path, index, runner
+        self.shares_model = shares_model
         self.max_batch_size = config.max_batch_size
         self.timeout_s = config.timeout_s
         self.pending = 0
@@ -77,12 +83,13 @@ class RemoteBatcher:
     async def start(self, state: Any) -> None:
         self._state = state
         self._reader, self._writer = await asyncio.open_unix_connection(self.path)
-        self._writer.write(_frame(("hello", self.index, os.getpid())))
+        self._writer.write(_frame(("hello", self.index, os.getpid(), self.shares_model)))
         kind, shm_name, slots, in_bytes, out_bytes, ready, reason = await _read(self._reader)
         assert kind == "welcome"
-        self._mmap = _attach(shm_name, slots * (in_bytes + out_bytes))
-        self._in_bytes, self._slot_bytes = in_bytes, in_bytes + out_bytes
-        self._free = list(range(slots))[::-1]
+        if shm_name is not None:  # slots for batches: only when the model runs in the inference process
+            self._mmap = _attach(shm_name, slots * (in_bytes + out_bytes))
+            self._in_bytes, self._slot_bytes = in_bytes, in_bytes + out_bytes
+            self._free = list(range(slots))[::-1]
         self.connected = True
         self._set_ready(ready, reason)
         self._task = asyncio.create_task(self._listen(), name="toolkit-remote")
@@ -95,6 +102,12 @@ class RemoteBatcher:
         if self._writer is not None:
             self._writer.close()
         self._fail_all("the worker is shutting down")
+
+    def warmed(self) -> None:
+        """This worker's own model is warmed up (a model per worker): the inference process decides
+        when the whole server is ready."""
+        with contextlib.suppress(ServiceUnavailableError):
+            self._send(("warm",))
 
     def _set_ready(self, ready: bool, reason: str | None) -> None:
         state = self._state
@@ -141,7 +154,7 @@ class RemoteBatcher:
     async def gather_stats(self) -> Stats:
         """Every process's statistics merged (this worker's alone when the inference process is gone)."""
         if not self.connected:
-            return Stats.merged([self._state.stats.snapshot()])
+            return Stats.merged([self._own_stats()])
         request_id = next(self._ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._stats_waiting[request_id] = future
@@ -149,7 +162,7 @@ class RemoteBatcher:
             self._send(("stats", request_id))
             snapshot = await asyncio.wait_for(future, 10)
         except (TimeoutError, ServiceUnavailableError):
-            return Stats.merged([self._state.stats.snapshot()])
+            return Stats.merged([self._own_stats()])
         finally:
             self._stats_waiting.pop(request_id, None)
         stats = Stats.merged([snapshot])
@@ -168,7 +181,7 @@ class RemoteBatcher:
                 elif kind == "error":
                     self._error(*message[1:])
                 elif kind == "snapshot":
-                    self._writer.write(_frame(("snapshot", message[1], self._state.stats.snapshot())))
+                    self._writer.write(_frame(("snapshot", message[1], self._own_stats())))
                 elif kind == "stats":
                     future = self._stats_waiting.get(message[1])
                     if future is not None and not future.done():
@@ -179,6 +192,13 @@ class RemoteBatcher:
         self._set_ready(False, "the inference process stopped")
         log.error("worker %d: lost the inference process; answering 503", self.index)
         self._fail_all("the inference process stopped; the server is not ready")
+
+    def _own_stats(self) -> dict[str, Any]:
+        """This worker's counters; with its own model, its own batcher's queue too."""
+        state = self._state
+        if state.batcher is not None and state.batcher is not self:
+            state.stats.pending = state.batcher.pending
+        return state.stats.snapshot()  # type: ignore[no-any-return]
 
     def _answer(self, request_id: int, shape: tuple[int, ...], inline: bytes | None, queue_s: float,
                 infer_s: float, batch_size: int) -> None:

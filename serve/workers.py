@@ -5,6 +5,10 @@
       |- worker 0 .. N-1    uvicorn, each on its own SO_REUSEPORT socket on the port: HTTP parsing, limits,
                             API key, decoding and preprocessing; worker 0 also serves gRPC  (serve.remote)
 
+On CPUs with ONNX Runtime each worker runs its own model instead (measured faster there, see
+`serve.inference.placement`); the inference process then opens none and only coordinates: readiness
+and the merged statistics, so everything below holds in both arrangements.
+
 Workers talk to the inference process over a Unix socket (small pickled control messages) and hand
 it float32 batches through a `multiprocessing.shared_memory` block per worker, cut into slots (serve.ipc):
 the worker writes a request's batch into a free slot, sends (request id, slot, shape), and the inference
@@ -40,7 +44,7 @@ from toolkit.runtime.base import Runner
 
 from .config import ServeConfig
 from .errors import ServeStartupError
-from .inference import _inference_main, model_instances
+from .inference import _inference_main, placement
 from .ipc import _logging, _name_process, _run, default_cores
 from .remote import RemoteBatcher, RemoteModel
 
@@ -73,7 +77,7 @@ def _listener(host: str, port: int, listen: bool) -> socket.socket:
     return sock
 
 
-def _worker_main(index: int, port: int, config: ServeConfig, path: str | None, card_json: str,
+def _worker_main(index: int, port: int, config: ServeConfig, path: str, card_json: str,
                  info: dict[str, Any], level: str, spec: Any = None) -> None:
     from .app import create_app
     from .server import DrainingServer, uvicorn_config
@@ -83,9 +87,13 @@ def _worker_main(index: int, port: int, config: ServeConfig, path: str | None, c
     parent = os.getppid()
     worker_config = config if index == 0 else replace(config, grpc_port=0)  # gRPC lives in worker 0
     model: Runner
-    if path is None:  # the measured alternative: this worker runs its own model (CPU only)
-        model = spec.open()
-        app = create_app(model, worker_config)
+    if spec is not None:  # a model in this worker; the inference process only coordinates
+        try:
+            model = spec.open()
+        except Exception as exc:  # noqa: BLE001 - the reason, in one line; the parent stops the server
+            log.error("worker %d cannot open the model: %s", index, str(exc) or type(exc).__name__)
+            raise SystemExit(1) from None
+        app = create_app(model, worker_config, remote=RemoteBatcher(path, index, model, config, False))
     else:
         model = RemoteModel(ModelCard.from_json(card_json), info)
         app = create_app(model, worker_config, remote=RemoteBatcher(path, index, model, config))
@@ -143,10 +151,10 @@ class Supervisor:
         return sock
 
     def _start_worker(self, index: int, sock: socket.socket, card_json: str, info: dict[str, Any]) -> None:
-        path, spec = (None, self.spec) if self.per_worker else (self.path, None)
+        spec = self.spec if self.per_worker else None
         process = self.ctx.Process(target=_worker_main, name=f"toolkit-worker-{index}", daemon=False,
-                                   args=(index, self.port, self.config, path, card_json, info, self.level,
-                                         spec))
+                                   args=(index, self.port, self.config, self.path, card_json, info,
+                                         self.level, spec))
         process.start()
         self.procs[index] = process
         log.info("worker %d started (pid %d)", index, process.pid)
@@ -171,11 +179,9 @@ class Supervisor:
                                      self.level, self.instances))
         previous = {sig: signal.signal(sig, self._signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            card_json, info = "", dict[str, Any]()
-            if not self.per_worker:
-                hub.start()
-                log.info("inference process started (pid %d)", hub.pid)
-                card_json, info = self._await_hub(hub, control)
+            hub.start()
+            log.info("inference process started (pid %d)", hub.pid)
+            card_json, info = self._await_hub(hub, control)
             for index in range(self.workers):
                 self._start_worker(index, sock, card_json, info)
             log.info("serving on http://%s:%d with %d workers", self.config.host, self.port, self.workers)
@@ -210,7 +216,8 @@ class Supervisor:
 
     def _supervise(self, hub: Any, control: Any, sock: socket.socket, card_json: str,
                    info: dict[str, Any]) -> None:
-        hub_alive = not self.per_worker
+        hub_alive = True
+        serving = False  # the server was ready once: before that, a dying worker is a failed start
         deadline: float | None = None
         while True:
             if self.stopping and deadline is None:
@@ -223,8 +230,11 @@ class Supervisor:
                 for process in alive:
                     process.kill()
                 break
-            sentinels = [p.sentinel for p in alive] + ([hub.sentinel] if hub_alive else [])
-            multiprocessing.connection.wait(sentinels, timeout=0.25)
+            sentinels = [p.sentinel for p in alive] + ([hub.sentinel, control] if hub_alive else [])
+            ready = multiprocessing.connection.wait(sentinels, timeout=0.25)
+            if control in ready:
+                with contextlib.suppress(EOFError, OSError):
+                    serving = serving or control.recv() == ("serving",)
             if hub_alive and not hub.is_alive():
                 hub_alive = False
                 log.error("the inference process (pid %d) died (exit code %s): the server is not ready and "
@@ -232,15 +242,19 @@ class Supervisor:
             if self.stopping:
                 continue
             for index, process in list(self.procs.items()):
-                if not process.is_alive():
-                    process.join()
-                    self.restarts += 1
-                    log.error("worker %d (pid %d) died (exit code %s); starting a new one", index,
-                              process.pid, process.exitcode)
-                    if hub_alive:
-                        with contextlib.suppress(OSError):
-                            control.send(("restarted", index, process.pid, process.exitcode))
-                    self._start_worker(index, sock, card_json, info)
+                if process.is_alive():
+                    continue
+                process.join()
+                if not serving:
+                    raise ServeStartupError(f"cannot serve {self.config.name!r}: worker {index} exited (code "
+                                            f"{process.exitcode}) before the server was ready; see its log")
+                self.restarts += 1
+                log.error("worker %d (pid %d) died (exit code %s); starting a new one", index,
+                          process.pid, process.exitcode)
+                if hub_alive:
+                    with contextlib.suppress(OSError):
+                        control.send(("restarted", index, process.pid, process.exitcode))
+                self._start_worker(index, sock, card_json, info)
         if hub_alive:
             with contextlib.suppress(OSError):
                 control.send(("stop",))
@@ -248,13 +262,13 @@ class Supervisor:
 
 
 def serve_workers(spec: Any, config: ServeConfig, workers: int, log_level: str = "info",
-                  runner_per_worker: bool = False, instances: int | None = None) -> None:
+                  runner_per_worker: bool | None = None, instances: int | None = None) -> None:
     """Serve with `workers` front-end processes and one inference process opening `spec` (a
     `RunnerSpec` or any picklable object whose `open()` returns a Runner). Blocks until SIGTERM or
     SIGINT, then drains every worker. Raises ServeStartupError when the model cannot be served.
 
-    `instances`: copies of the model behind the one batcher (`model_instances`). `runner_per_worker`
-    is the alternative the bench measures on CPU: no inference process, each worker opens its own
-    Runner (ONNX Runtime sized to cores / workers threads) and batches alone."""
-    spec, copies = model_instances(spec, workers, instances)
-    Supervisor(spec, config, workers, log_level, runner_per_worker, copies).run()
+    `runner_per_worker`: each worker opens its own Runner and batches its own requests, the inference
+    process only coordinating (None: ONNX Runtime on CPU, see `placement`). `instances`: otherwise,
+    copies of the model behind the one batcher."""
+    spec, copies, per_worker = placement(spec, workers, instances, runner_per_worker)
+    Supervisor(spec, config, workers, log_level, per_worker, copies).run()

@@ -56,8 +56,8 @@ def test_benchmark_precision_runs_torch_and_torchscript_rows_at_bf16(sample_mode
 
     monkeypatch.setattr(registry, "open_model", spy)
     result = CliRunner().invoke(app, ["benchmark", "-m", str(sample_model), "--dataset", "sample",
-                                      "--formats", "torch,torchscript", "--precision", "bf16", "--limit", "64",
-                                      "--batch-sizes", "16", "--json"])
+                                      "--formats", "torch,torchscript", "--precision", "bf16",
+                                      "--limit", "64", "--batch-sizes", "16", "--json"])
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.stdout)["rows"]}
     assert list(rows) == ["torch fp32", "torch bf16", "torchscript bf16"]

@@ -101,6 +101,41 @@ def test_bf16_on_cpu_agrees_with_fp32(sample_model, sample_test, fp32_runner):
     assert abs(check["accuracy"] - check["reference_accuracy"]) <= 0.03
 
 
+def test_eval_reports_bf16_agreement_with_fp32_and_predict_takes_precision(sample_model, sample_test,
+                                                                            tmp_path):
+    """The CLI end: `eval --precision bf16` reports its top-1 agreement with an fp32 run (as an export's
+    verification does), fp32 reports none; `predict --precision bf16` answers as fp32 does."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from toolkit.cli import app
+
+    def run(*args: str) -> object:
+        result = CliRunner().invoke(app, [*args])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    common = ("eval", "-m", str(sample_model), "--dataset", "sample", "--limit", "200", "--json")
+    bf16 = run(*common, "--precision", "bf16")
+    check = bf16["precision_check"]
+    assert bf16["precision"] == check["precision"] == "bf16" and check["reference_precision"] == "fp32"
+    assert check["num_samples"] == 200 and check["top1_agreement"] >= 0.95
+    assert abs(check["accuracy"] - bf16["accuracy"]) < 1e-9
+    fp32 = run(*common)
+    assert fp32["precision"] == "fp32" and "precision_check" not in fp32
+    assert check["reference_accuracy"] == fp32["accuracy"]
+
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(sample_test.images[i]).save(paths[-1])
+    answers = run("predict", "-m", str(sample_model), "--precision", "bf16", "--format", "json", *paths)
+    reference = run("predict", "-m", str(sample_model), "--format", "json", *paths)
+    assert [a["top"][0]["class"] for a in answers] == [a["top"][0]["class"] for a in reference]
+
+
 def test_logits_agreement_counts():
     from toolkit.metrics import logits_agreement
 

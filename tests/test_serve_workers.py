@@ -1,6 +1,8 @@
 """`toolkit serve --workers 2` as real processes: two front-end workers sharing the port, one inference
-process. Answers, aggregated metrics, SIGTERM drain across workers, a killed worker replaced, a killed
-inference process turning the server not ready with 503s (never a hang)."""
+process, in both arrangements (a model in every worker, the inference process coordinating; or one
+shared model behind one batcher). Answers, aggregated metrics, SIGTERM drain across workers, a killed
+worker replaced, a killed inference process turning the server not ready with 503s (never a hang), a
+worker that cannot start stopping the server with the reason."""
 
 from __future__ import annotations
 
@@ -82,10 +84,13 @@ def metric(text: str, name: str) -> float:
     return float(found.group(1))
 
 
-@pytest.fixture(scope="module")
-def server(sample_onnx_fp32):
-    """The module's server: --workers 2, an API key, gRPC in worker 0."""
-    server = cli_server(sample_onnx_fp32, "--api-key", "k3y", "--grpc-port", str(free_port()))
+ARRANGEMENTS = ["--runner-per-worker", "--shared-runner"]
+
+
+@pytest.fixture(scope="module", params=ARRANGEMENTS)
+def server(sample_onnx_fp32, request):
+    """The module's server: --workers 2 in each arrangement, an API key, gRPC in worker 0."""
+    server = cli_server(sample_onnx_fp32, request.param, "--api-key", "k3y", "--grpc-port", str(free_port()))
     server.grpc = server.process.args[server.process.args.index("--grpc-port") + 1]  # type: ignore[attr-defined]
     try:
         server.wait_ready()
@@ -123,7 +128,7 @@ def test_answers_equal_offline_predict_under_64_concurrent_distinct_images(serve
     assert metric(after, success) - metric(before, success) == 64
     assert metric(after, "nv_inference_count") - metric(before, "nv_inference_count") == 64
     executions = metric(after, "nv_inference_exec_count") - metric(before, "nv_inference_exec_count")
-    assert 4 <= executions <= 64  # batches of at most 16, gathered across workers
+    assert 4 <= executions <= 64  # batches of at most 16, counted in every process
     assert metric(after, "toolkit_workers") == 2
     stats = httpx.get(f"{server.base}/v2/models/stats", headers=KEY).json()["model_stats"][0]
     assert stats["inference_stats"]["success"]["count"] == metric(after, "nv_inference_request_success")
@@ -184,16 +189,18 @@ DRAIN = textwrap.dedent("""
 
     if __name__ == "__main__":
         serve_workers(SlowSpec({model!r}, {delay}), ServeConfig(name="digits", port={port}, max_batch_size=4,
-                      workers=2), 2)
+                      workers=2), 2, runner_per_worker={per_worker})
         print("exited cleanly", flush=True)
 """)
 
 
-def test_sigterm_drains_in_flight_requests_across_workers(sample_onnx_fp32, sample_test, tmp_path):
+@pytest.mark.parametrize("per_worker", [True, False], ids=["model-per-worker", "shared-model"])
+def test_sigterm_drains_in_flight_requests_across_workers(sample_onnx_fp32, sample_test, tmp_path,
+                                                          per_worker):
     port = free_port()
     script = tmp_path / "drain.py"
     script.write_text(DRAIN.format(root=str(TESTS.parent), tests=str(TESTS), model=str(sample_onnx_fp32),
-                                   port=port, delay=0.8))
+                                   port=port, delay=0.8, per_worker=per_worker))
     server = Server([sys.executable, str(script)], port)
     try:
         server.wait_ready()
@@ -249,8 +256,10 @@ def test_a_killed_worker_is_replaced_and_reported(sample_onnx_fp32, sample_test)
         server.stop()
 
 
-def test_a_killed_inference_process_turns_the_server_not_ready_with_503s(sample_onnx_fp32, sample_test):
-    server = cli_server(sample_onnx_fp32)
+@pytest.mark.parametrize("arrangement", ARRANGEMENTS)
+def test_a_killed_inference_process_turns_the_server_not_ready_with_503s(sample_onnx_fp32, sample_test,
+                                                                         arrangement):
+    server = cli_server(sample_onnx_fp32, arrangement)
     try:
         server.wait_ready()
         os.kill(server.pid_of("inference process"), signal.SIGKILL)
@@ -270,6 +279,40 @@ def test_a_killed_inference_process_turns_the_server_not_ready_with_503s(sample_
         assert server.process.wait(30) == 0
     finally:
         server.stop()
+
+
+FAILING = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    from serve.config import ServeConfig
+    from serve.errors import ServeStartupError
+    from serve.workers import serve_workers
+
+    class Broken:
+        def open(self):
+            raise RuntimeError("no such accelerator")
+
+    if __name__ == "__main__":
+        try:
+            config = ServeConfig(name="broken", port={port}, workers=2)
+            serve_workers(Broken(), config, 2, runner_per_worker=True)
+        except ServeStartupError as exc:
+            print("refused:", exc, flush=True)
+            sys.exit(1)
+""")
+
+
+def test_a_worker_that_cannot_open_the_model_stops_the_server_with_the_reason(tmp_path):
+    """A model in every worker: the model opens in the workers, so a failure there is a failed start
+    (exit 1, the reason in the log), never a loop of replaced workers."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING.format(root=str(TESTS.parent), tests=str(TESTS), port=free_port()))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "cannot open the model: no such accelerator" in output
+    assert "refused: cannot serve 'broken': worker" in output and "before the server was ready" in output
+    assert output.count("started (pid") <= 3  # the inference process and the two workers: no restarts
 
 
 def test_one_batcher_spreads_batches_over_model_copies(sample_card):

@@ -55,15 +55,15 @@ def test_accuracy_gate_fails_below_threshold(sample_model):
 
 def test_accuracy_gate_runs_at_the_asked_precision(sample_model):
     """Issue 12: --precision (and --device) reach the gate's runner; the report says what it ran at."""
-    code, data = report("-m", str(sample_model), "--dataset", "sample", "--limit", "200", "--precision", "bf16",
-                        "--min-accuracy", "0.9")
+    code, data = report("-m", str(sample_model), "--dataset", "sample", "--limit", "200",
+                        "--precision", "bf16", "--min-accuracy", "0.9")
     assert code == 0 and data["valid"], data["problems"]
     assert (data["accuracy_precision"], data["accuracy_device"]) == ("bf16", "cpu")
     assert data["accuracy"] >= 0.9 and data["accuracy_samples"] == 200
     code, data = report("-m", str(sample_model), "--dataset", "sample", "--limit", "50")
     assert (data["accuracy_precision"], data["accuracy_device"]) == ("fp32", "cpu")
-    code, data = report("-m", str(sample_model), "--dataset", "sample", "--limit", "100", "--precision", "bf16",
-                        "--min-accuracy", "100")
+    code, data = report("-m", str(sample_model), "--dataset", "sample", "--limit", "100",
+                        "--precision", "bf16", "--min-accuracy", "100")
     failed = [p["message"] for p in data["problems"] if p["code"] == "accuracy_below_threshold"]
     assert code == 1 and "(bf16 on cpu)" in failed[0]
     human = invoke("-m", str(sample_model), "--dataset", "sample", "--limit", "50", "--precision", "bf16")

@@ -125,6 +125,11 @@ else:
     DatasetName = _choices("DatasetName", DATASETS)
 
 
+class DeviceName(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m",
     help="Checkpoint, TorchScript, ONNX, engine, Triton model dir or http://host:port/model. "
@@ -175,7 +180,8 @@ def validate(
     write_card: Annotated[bool, typer.Option("--write-card", help="Write CKPT.card.json beside the "
                                              "checkpoint.")] = False,
     as_json: JsonOpt = False,
-    device: Annotated[str, typer.Option(help="cpu or cuda, for the --min-accuracy measurement.")] = "cpu",
+    device: Annotated[DeviceName, typer.Option(help="Where the accuracy measurement (--dataset) "
+                                               "runs.")] = DeviceName.cpu,
     precision: PrecisionOpt = None,
 ) -> None:
     """Check that weights are a healthy ResNet/ResNeXt: architecture, head, load, numerics, accuracy."""
@@ -191,11 +197,13 @@ def validate(
         min_accuracy /= 100.0
     if min_accuracy is not None and dataset is None:
         raise UsageError("--min-accuracy needs --dataset (and --data-dir for cifar10/cifar100/folder)")
+    if (precision is not None or device is not DeviceName.cpu) and dataset is None:
+        raise UsageError("--device and --precision set how the accuracy measurement runs: they need "
+                         "--dataset (and --min-accuracy for a gate)")
     report = validate_checkpoint(
         path, arch=arch, classes=classes, dataset=dataset.value if dataset else None, data_dir=data_dir,
         split=split, limit=limit, min_accuracy=min_accuracy, allow_pickle=allow_pickle, batch_size=batch_size,
-        **({"device": device, "precision": _value(precision or "fp32")}
-           if device != "cpu" or precision is not None else {}),
+        device=device.value, **_gpu_options(precision),
     )
     if write_card and report.card is not None:
         report.card.save(sidecar_path(path))
@@ -218,11 +226,6 @@ if TYPE_CHECKING:
     class BackendName(Choice): ...
 else:
     BackendName = _choices("BackendName", ("auto", *BACKENDS))
-
-
-class DeviceName(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class PredictFormat(str, Enum):
@@ -504,8 +507,8 @@ def benchmark_command(
     model: ModelOpt = None,
     formats: Annotated[list[str] | None, typer.Option("--formats", help="Formats to try (repeat or comma-"
                        "separate): torch, torchscript, onnx, openvino, tensorrt. Default: all.")] = None,
-    precisions: Annotated[list[str] | None, typer.Option("--precisions", help="fp32, fp16, int8 (repeat or "
-                          "comma-separate). Default: all.")] = None,
+    precisions: Annotated[list[str] | None, typer.Option("--precisions", help="Precisions of the exported "
+                          "files: fp32, fp16, int8 (repeat or comma-separate). Default: all.")] = None,
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
     limit: LimitOpt = None,
@@ -516,8 +519,11 @@ def benchmark_command(
                                                     "and the accuracy-vs-throughput PNG here.")] = None,
     allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
+    precision: PrecisionOpt = None,
 ) -> None:
-    """Export one checkpoint to every format x precision it can, verify, evaluate and time each."""
+    """Export one checkpoint to every format x precision it can, verify, evaluate and time each.
+
+    --precision runs the torch and TorchScript rows at fp16/bf16, against the torch fp32 reference row."""
     from export.benchmark import run_benchmark
 
     def split_list(values: list[str] | None) -> list[str] | None:
@@ -536,6 +542,7 @@ def benchmark_command(
         resolve_model(model), formats=split_list(formats), precisions=split_list(precisions),
         dataset=dataset.value, data_dir=data_dir, limit=limit, batch_sizes=sizes, device=device.value,
         output_dir=output_dir, allow_pickle=allow_pickle, progress=not as_json,
+        runner_options=_gpu_options(precision),
     )
     if as_json:
         print_json(result)
@@ -621,16 +628,18 @@ def serve_command(
     backend: BackendOpt = BackendName["auto"],
     device: DeviceOpt = DeviceName.cpu,
     workers: Annotated[int | None, typer.Option(
-        min=1, help="Front-end processes sharing the port (HTTP, decoding), all feeding one inference "
-        "process; 1: everything in this process. Default: one per core, at most 8.")] = None,
+        min=1, help="Front-end processes sharing the port (HTTP, decoding); 1: everything in this process. "
+        "Default: one per core, at most 8.")] = None,
     decode_threads: Annotated[int, typer.Option(
         min=1, help="Threads per front-end process that decode and preprocess images.")] = 2,
+    runner_per_worker: Annotated[bool | None, typer.Option(
+        "--runner-per-worker/--shared-runner", help="With --workers > 1: a model in every worker, each "
+        "batching its own requests, or one inference process whose one batcher all workers feed. "
+        "Default: per worker for ONNX Runtime on CPU (faster there), otherwise shared (GPUs: the "
+        "biggest batches).", show_default=False)] = None,
     model_instances: Annotated[int | None, typer.Option(
-        min=1, help="With --workers > 1: copies of the model behind the one batcher. Default: ONNX Runtime "
-        "on CPU one per worker (each with cores/N threads), otherwise 1.")] = None,
-    runner_per_worker: Annotated[bool, typer.Option(
-        "--runner-per-worker", hidden=True, help="CPU experiment (bench/bench_serve.py): each worker runs "
-        "its own model instead of sharing one inference process.")] = False,
+        min=1, help="With --shared-runner: copies of the model behind the one batcher. Default: ONNX "
+        "Runtime on CPU one per worker (each with cores/N threads), otherwise 1.")] = None,
     max_connections: Annotated[int, typer.Option(min=1, help="Open connections; more get 503.")] = 512,
     read_timeout_s: Annotated[float, typer.Option(min=0.1, help="Headers must arrive within this, and the "
                                                   "body within 3x this; slower gets 408.")] = 10.0,
@@ -671,7 +680,10 @@ def serve_command(
     if processes > 1:  # the model opens in the inference process
         console(stderr=True).print(f"serving {wire_name} ({spec.backend_name()}) {where}", style="dim")
         if runner_per_worker and device.value != "cpu":
-            raise UsageError("--runner-per-worker is a CPU experiment; GPUs share one inference process")
+            raise UsageError("--runner-per-worker is for CPUs; a GPU is shared through one inference process")
+        if runner_per_worker and model_instances is not None:
+            raise UsageError("--model-instances applies to --shared-runner (with --runner-per-worker every "
+                             "worker has one model)")
         serve_workers(spec, config, processes, runner_per_worker=runner_per_worker,
                       instances=model_instances)
         return

@@ -82,7 +82,8 @@ def render_validation(report: ValidationReport, console: Any) -> None:
     ]
     rows += card_rows(report.card) if report.card is not None else [("classes", report.num_classes)]
     if report.accuracy is not None:
-        rows.append(("accuracy", f"{report.accuracy:.4f} top-1 on {report.accuracy_samples} images"))
+        rows.append(("accuracy", f"{report.accuracy:.4f} top-1 on {report.accuracy_samples} images"
+                     f" ({report.accuracy_precision or 'fp32'} on {report.accuracy_device or 'cpu'})"))
     _print_facts(rows, console)
     if not report.problems:
         console.print("[green]no problems found[/]")

@@ -52,6 +52,8 @@ class ValidationReport:
     layout: str | None = None
     accuracy: float | None = None
     accuracy_samples: int | None = None
+    accuracy_device: str | None = None  # where and at what precision the accuracy was measured
+    accuracy_precision: str | None = None
     problems: list[Problem] = field(default_factory=list)
     card: ModelCard | None = None
 
@@ -237,7 +239,8 @@ def _check_accuracy(model: Any, report: ValidationReport, dataset: str, data_dir
     assert data.labels is not None  # every --dataset is labelled (load_dataset)
     report.accuracy = top1_accuracy(collect_logits(runner, data, batch_size), data.labels)
     report.accuracy_samples = len(data)
+    report.accuracy_device, report.accuracy_precision = runner.device, runner.precision
     if min_accuracy is not None and report.accuracy < min_accuracy:
         report.add("error", "accuracy_below_threshold",
-                   f"top-1 accuracy {report.accuracy:.4f} on {len(data)} {data.name} images is below "
-                   f"--min-accuracy {min_accuracy}")
+                   f"top-1 accuracy {report.accuracy:.4f} on {len(data)} {data.name} images "
+                   f"({runner.precision} on {runner.device}) is below --min-accuracy {min_accuracy}")

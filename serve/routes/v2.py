@@ -24,7 +24,7 @@ from ..state import ServerState, get_state
 
 State = Annotated[ServerState, Depends(get_state)]
 router = APIRouter()
-INLINE_JSON_BYTES = 65536  # JSON bodies up to this size are parsed on the event loop (a thread hop costs more)
+INLINE_JSON_BYTES = 65536  # JSON bodies up to this size are parsed on the event loop
 
 
 async def _json_body(request: Request) -> Any:

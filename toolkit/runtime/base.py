@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from ..card import ModelCard
-from ..errors import InputError
+from ..errors import InputError, ModelFormatError, ToolkitError, first_line
 
 if TYPE_CHECKING:
     from ..artifacts import ArtifactFacts
+
+R = TypeVar("R", bound="Runner")
 
 
 class Runner(ABC):
@@ -97,6 +99,27 @@ class Runner(ABC):
                              f"expected ({n}, {self.card.num_classes}): "
                              "the artifact and its card disagree")
         return logits.astype(np.float32, copy=False)
+
+    def warm_up(self: R, calls: int = 1) -> R:  # noqa: PYI019 - typing.Self needs 3.11; we support 3.10
+        """Run `calls` batches of zeros (the fixed batch size, else one image) before anyone times the
+        runner, and return it: sessions allocate their arenas, GPU providers load and pick kernels.
+        Backends end `open` with it (their `warmup` option; the torch runners warm up their own way:
+        the profiling executor's calls, CUDA graphs and compiled code at the fixed batch size). A
+        model that loads but cannot run fails here, naming the file, and the runner is closed."""
+        try:
+            for _ in range(calls):
+                self._warm_up_once()
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, ToolkitError) or not isinstance(exc, Exception):
+                raise
+            raise ModelFormatError(f"{self.source}: {self.backend} loaded it but cannot run it "
+                                   f"({first_line(exc)})") from None
+        return self
+
+    def _warm_up_once(self) -> None:
+        """One warm-up call; a backend whose real batches take another path than one image overrides it."""
+        self(np.zeros((self.fixed_batch_size or 1, *self.card.input_size), np.float32))
 
     @abstractmethod
     def _infer(self, batch: np.ndarray) -> np.ndarray:

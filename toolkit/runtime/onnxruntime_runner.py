@@ -99,10 +99,11 @@ class OnnxRuntimeRunner(Runner):
 
     @classmethod
     def open(cls, path: str | Path, *, device: str = "cpu", threads: int | None = None,
-             use_tensorrt: bool | None = None, trt_cache: str | Path | None = None) -> OnnxRuntimeRunner:
+             use_tensorrt: bool | None = None, trt_cache: str | Path | None = None,
+             warmup: int = 1) -> OnnxRuntimeRunner:
         """`threads`: intra-op threads (default: physical cores); `use_tensorrt`: ORT's TensorRT provider
         on cuda (default: when its libraries are present; True insists); `trt_cache`: its engine cache
-        folder (default ~/.cache/resnet-toolkit/ort-trt)."""
+        folder (default ~/.cache/resnet-toolkit/ort-trt); `warmup`: calls run at load (`Runner.warm_up`)."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -129,7 +130,7 @@ class OnnxRuntimeRunner(Runner):
                 "ONNX Runtime could not start its CUDA provider (CUDA 12 runtime and cuDNN 9 libraries "
                 "are needed, e.g. pip install 'onnxruntime-gpu[cuda,cudnn]'); or use --device cpu"
             )
-        return cls(session, card, source=str(path), device=device, facts=facts)
+        return cls(session, card, source=str(path), device=device, facts=facts).warm_up(warmup)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         if self.device.startswith("cuda"):

@@ -57,8 +57,9 @@ class OpenVINORunner(Runner):
 
     @classmethod
     def open(cls, path: str | Path, *, device: str = "cpu", hint: str = "auto",
-             inference_precision: str = "f32") -> OpenVINORunner:
-        """`hint`: auto | throughput | latency; `inference_precision`: OpenVINO's f32 (default), bf16, f16."""
+             inference_precision: str = "f32", warmup: int = 1) -> OpenVINORunner:
+        """`hint`: auto | throughput | latency; `inference_precision`: OpenVINO's f32 (default), bf16, f16;
+        `warmup`: calls run at load (`Runner.warm_up`)."""
         ov = _import_openvino()
         if device != "cpu":
             raise BackendUnavailableError(
@@ -78,7 +79,7 @@ class OpenVINORunner(Runner):
         check_declared_input(card, [d.get_length() if d.is_static else None for d in declared], path,
                              "the ONNX graph")
         return cls(core, model, card, source=str(path), facts=facts, hint=hint,
-                   inference_precision=inference_precision)
+                   inference_precision=inference_precision).warm_up(warmup)
 
     def _compile(self, hint: str) -> Any:
         if hint not in self._compiled:
@@ -89,6 +90,15 @@ class OpenVINORunner(Runner):
                 raise ModelFormatError(f"{self.source}: OpenVINO cannot compile it "
                                        f"({first_line(exc)})") from None
         return self._compiled[hint]
+
+    def _warm_up_once(self) -> None:
+        """The THROUGHPUT model's infer requests, one image each, where batches are split across them
+        (one image alone would compile the LATENCY model, which those batches never use)."""
+        if self._requests > 1 and self.fixed_batch_size is None:
+            self._infer_parallel(np.zeros((self._requests, *self.card.input_size), np.float32),
+                                 self._requests)
+        else:
+            super()._warm_up_once()
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         if self._requests > 1 and self.fixed_batch_size is None and len(batch) >= 2 * self._requests:

@@ -235,13 +235,14 @@ class TensorRTRunner(Runner):
         self._pinned += [self._h_in, self._h_out]
 
     @classmethod
-    def open(cls, path: str | Path, *, device: str = "cuda") -> TensorRTRunner:
-        """Open `model.engine` / `model.plan` with its sidecar card and facts."""
+    def open(cls, path: str | Path, *, device: str = "cuda", warmup: int = 1) -> TensorRTRunner:
+        """Open `model.engine` / `model.plan` with its sidecar card and facts; `warmup`: calls run at
+        load (`Runner.warm_up`)."""
         path = Path(path)
         card, facts = read_artifact(path, "tensorrt")
         env = tensorrt_environment(device, purpose="running a TensorRT engine")
         check_compatible(facts, env, path)
-        return cls(path, card, env, facts)
+        return cls(path, card, env, facts).warm_up(warmup)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         n = len(batch)
