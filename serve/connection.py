@@ -11,6 +11,8 @@ by every byte). This protocol:
   response, however slowly bytes trickle in -> 408 and close (an idle connection just closes);
 - refuses connections beyond `max_connections` at once -> 503 and close;
 - answers a malformed request with 400 naming the parser's reason;
+- sends each response's head and body in one write (uvicorn writes them separately: two sends, two
+  TCP segments, and the client woken twice, for every small JSON answer);
 
 all as JSON `{"error": ...}` with `Connection: close`, like every other error. The body's own limits
 (size, read timeout) are the `BodyLimitGuard`'s.
@@ -31,6 +33,7 @@ from .config import ServeConfig
 
 log = logging.getLogger("toolkit.serve")
 HEAD_END = b"\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 "
 
 
 def _raw_response(status: int, message: str) -> bytes:
@@ -38,6 +41,38 @@ def _raw_response(status: int, message: str) -> bytes:
     head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
     return head.encode("latin-1") + body
+
+
+class _HeadWithBody:
+    """The transport as one response's writer sees it: its first write (the head) is held back and sent
+    with the next (the body, which uvicorn always writes for a method other than HEAD, empty or not);
+    closing sends a held head first; an interim `100 Continue` is never held. Everything else is the
+    transport's."""
+
+    __slots__ = ("_head", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._head is None:
+            if data.startswith(CONTINUE):  # an interim answer: it must go at once
+                self._transport.write(data)
+            else:
+                self._head = data
+            return
+        head, self._head = self._head, b""
+        self._transport.write(head + data if head else data)
+
+    def close(self) -> None:
+        if self._head:
+            self._transport.write(self._head)
+            self._head = b""
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -96,6 +131,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._cancel_head_timer()  # the head arrived; the timer starts again after the response
         super().on_headers_complete()
+        if self.scope["method"] != "HEAD":  # a HEAD response has no body write to join its head to
+            self.cycle.transport = _HeadWithBody(self.transport)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes, self._tail = True, 0, b""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -142,10 +141,11 @@ class BodyLimitGuard:
                     413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes "
                          f"(--max-body-mb {config.max_body_mb:g})", close=True)(scope, receive, send)
         chunks, size, more = [], 0, True
-        deadline = time.monotonic() + config.body_timeout_s
+        deadline = asyncio.get_running_loop().time() + config.body_timeout_s
         while more:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            try:  # a timeout, not wait_for: no task per read (the body is usually complete already)
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
             except TimeoutError:
                 return await error_response(
                     408, f"request body not received within {config.body_timeout_s:g} s "

@@ -147,6 +147,52 @@ def test_request_body_stalled_is_408_and_closed(server, base):
     assert "body not received within 1 s" in json.loads(body)["error"]
 
 
+def test_expect_100_continue_is_answered_before_the_body_is_sent(server, base):
+    """The response's head waits for its body (one write per answer), but an interim 100 never waits."""
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                   "data": [0.5] * 3072}]}).encode()
+    with _connect(server[1]) as sock:
+        sock.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode())
+        sock.settimeout(2)
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        status, _, payload = _read_response(sock)
+    assert status == 200 and json.loads(payload)["outputs"][0]["shape"] == [1, 10]
+
+
+def test_head_and_body_go_out_in_one_write_and_a_held_head_is_never_lost():
+    from serve.connection import _HeadWithBody
+
+    class Recording:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+            self.closed = False
+
+        def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+        def close(self) -> None:
+            self.closed = True
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+    transport = Recording()
+    writer = _HeadWithBody(transport)  # type: ignore[arg-type]
+    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert transport.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]  # the head waits, the 100 did not
+    writer.write(b"{}")
+    writer.write(b"more")
+    assert transport.writes[1:] == [b"HTTP/1.1 200 OK\r\n\r\n{}", b"more"]
+    assert writer.is_closing() is False  # everything else is the transport's
+    held = _HeadWithBody(transport)  # type: ignore[arg-type]
+    held.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
+    held.close()  # a response abandoned after its head: the head still goes out before the close
+    assert transport.writes[-1] == b"HTTP/1.1 500 Internal Server Error\r\n\r\n" and transport.closed
+
+
 def test_connections_beyond_the_limit_get_503_and_are_closed(sample_onnx_runner):
     with running_server(sample_onnx_runner, max_connections=3) as (base, _):
         port = int(base.rsplit(":", 1)[1])

@@ -78,6 +78,8 @@ async def decode_all(state: ServerState, files: list[tuple[str, bytes]],
         except ToolkitError as exc:
             return exc
 
+    if len(files) == 1:  # the common case: no task to gather
+        return [await one(*files[0])]
     return list(await asyncio.gather(*(one(n, d) for n, d in files)))
 
 

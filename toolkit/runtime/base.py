@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
@@ -19,8 +19,6 @@ from ..errors import InputError, ModelFormatError, ToolkitError, first_line
 
 if TYPE_CHECKING:
     from ..artifacts import ArtifactFacts
-
-R = TypeVar("R", bound="Runner")
 
 
 class Runner(ABC):
@@ -100,7 +98,7 @@ class Runner(ABC):
                              "the artifact and its card disagree")
         return logits.astype(np.float32, copy=False)
 
-    def warm_up(self: R, calls: int = 1) -> R:  # noqa: PYI019 - typing.Self needs 3.11; we support 3.10
+    def warm_up(self, calls: int = 1) -> Self:
         """Run `calls` batches of zeros (the fixed batch size, else one image) before anyone times the
         runner, and return it: sessions allocate their arenas, GPU providers load and pick kernels.
         Backends end `open` with it (their `warmup` option; the torch runners warm up their own way:
