@@ -91,3 +91,16 @@ def test_sigterm_drains(sample_onnx_fp32, sample_test, tmp_path):
         assert "exited cleanly" in (process.stdout.read() if process.stdout else "")
     finally:
         _stop(process)
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--device", "cuda"], "a GPU is shared through one inference process"),
+    (["--model-instances", "2"], "--model-instances applies to --shared-runner"),
+])
+def test_runner_per_worker_refuses_what_it_cannot_do(sample_onnx_fp32, extra, says):
+    """Refused before anything starts: exit 2 and one line (no process, no port taken)."""
+    from support.cli import invoke
+
+    result = invoke("serve", "-m", sample_onnx_fp32, "--workers", "2", "--runner-per-worker",
+                    "--grpc-port", "0", "--port", free_port(), *extra)
+    assert result.exit_code == 2 and says in result.output, result.output
