@@ -23,6 +23,7 @@ the measurement, per request; "outside the model" subtracts the CPU of the threa
 pools' threads), as /proc reports them.
 
     python bench/bench_serve.py [--requests 1500] [--workers 1,2] [--load-test] [--onnx PATH]
+    python bench/bench_serve.py --device cuda [--precision fp16] [--concurrency 64]   # a GPU machine
 """
 
 from __future__ import annotations
@@ -54,10 +55,26 @@ from _timing import wait_until_ready  # noqa: E402 - bench/ is put on the path j
 
 
 def build_resnet56(path: Path) -> Path:
-    """Random-init CIFAR ResNet-56 with BN stats re-estimated on random inputs, exported by export.onnx."""
+    """Random-init CIFAR ResNet-56 exported by export.onnx (what the CPU runs serve)."""
+    from export.onnx import export
+
+    return export(*random_resnet56(), path)
+
+
+def save_resnet56_checkpoint(path: Path) -> Path:
+    """The same model as a checkpoint with its card beside it (what `--device cuda` serves with torch)."""
     import torch
 
-    from export.onnx import export
+    model, card = random_resnet56()
+    torch.save({"state_dict": model.state_dict()}, path)
+    card.save(path.with_name(path.name + ".card.json"))
+    return path
+
+
+def random_resnet56():  # type: ignore[no-untyped-def]
+    """CIFAR ResNet-56, random weights, BN statistics re-estimated on random inputs; and its card."""
+    import torch
+
     from toolkit.archs import build_model
     from toolkit.card import CIFAR10_CLASSES, ModelCard, preset
 
@@ -77,7 +94,7 @@ def build_resnet56(path: Path) -> Path:
                      mean=values["mean"],
                      std=values["std"], resize_size=32, shortcut="A",
                      extra={"note": "random weights, benchmark only"})
-    return export(model, card, path)
+    return model, card
 
 
 # --- offline baselines -------------------------------------------------------------------------------
@@ -86,16 +103,15 @@ def offline(runner, card, images: np.ndarray) -> dict[str, Any]:
     from toolkit.preprocess import preprocess
 
     batch = preprocess(images[:64], card)
-    best, per_batch, cpu_per_image = 0.0, {}, {}
+    best, per_batch = 0.0, {}
     for size in (1, 4, 8, 16, 32, 64):
         x = batch[:size]
         runner(x)
-        n, began, cpu = 0, time.perf_counter(), time.process_time()
+        n, began = 0, time.perf_counter()
         while time.perf_counter() - began < 1.5:
             runner(x)
             n += size
         per_batch[size] = n / (time.perf_counter() - began)
-        cpu_per_image[size] = (time.process_time() - cpu) / n  # the model's own CPU (all its threads)
         best = max(best, per_batch[size])
     one = batch[:1]
     latencies = []
@@ -103,8 +119,7 @@ def offline(runner, card, images: np.ndarray) -> dict[str, Any]:
         began = time.perf_counter()
         runner(one)
         latencies.append(time.perf_counter() - began)
-    return {"best_ips": best, "per_batch": per_batch, "batch1_p50_ms": 1000 * statistics.median(latencies),
-            "cpu_per_image": cpu_per_image}
+    return {"best_ips": best, "per_batch": per_batch, "batch1_p50_ms": 1000 * statistics.median(latencies)}
 
 
 def tree(pid: int) -> set[int]:
@@ -234,13 +249,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(onnx: Path, port: int, max_batch_size: int, workers: int = 1,
-                 shared: bool = False) -> subprocess.Popen:
-
-    process = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", "-m", str(onnx),
+def start_server(model: Path, port: int, max_batch_size: int, workers: int = 1,
+                 shared: bool = False, device: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`toolkit serve` of `model`; `device`: extra flags (`--device cuda --precision fp16`)."""
+    process = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", "-m", str(model),
                                 "--name", "r56", "--grpc-port", "0", "--workers", str(workers),
                                 "--port", str(port), "--max-batch-size", str(max_batch_size),
-                                "--max-queue", "512"] + (["--shared-runner"] * shared),
+                                "--max-queue", "512", *device] + (["--shared-runner"] * shared),
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return wait_until_ready(process, port, timeout_s=90)
 
@@ -270,13 +285,6 @@ def top1(body: bytes) -> int:
     if "outputs" in answer:  # a v2 response with JSON logits
         return int(np.argmax(answer["outputs"][0]["data"]))
     return int(answer["predictions"][0]["top"][0]["index"])
-
-
-def load_card(onnx: Path):
-    from toolkit.runtime.registry import open_model
-
-    with open_model(onnx) as runner:
-        return runner.card
 
 
 def pct(values: list[float], q: float) -> float:
@@ -353,8 +361,17 @@ def main() -> None:
                         "up to the cores present)")
     parser.add_argument("--no-alternative", action="store_true",
                         help="skip the measurement of the other arrangement (--shared-runner)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: serve a checkpoint with torch on the GPU (`--precision`, default fp16), "
+                        "one shared inference process; issue 11's target there is >= 10,000 img/s at c=64")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="with --device cuda")
+    parser.add_argument("--concurrency", type=int, help="clients for the throughput columns (default: 32 "
+                        "on cpu, 64 on cuda)")
     args = parser.parse_args()
     args.workers = sorted(int(w) for w in str(args.workers).split(","))
+    cuda = args.device == "cuda"
+    concurrency = args.concurrency or (64 if cuda else 32)
+    device_flags = ("--device", "cuda", "--precision", args.precision or "fp16") if cuda else ()
 
     with contextlib.suppress(ImportError):  # uvloop is optional: a faster client loop where installed
         import uvloop
@@ -365,7 +382,10 @@ def main() -> None:
     from toolkit.runtime.registry import open_model
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    onnx = args.onnx or build_resnet56(workdir / "resnet56.onnx")
+    if cuda:
+        served = save_resnet56_checkpoint(workdir / "resnet56.pt")
+    else:
+        served = args.onnx or build_resnet56(workdir / "resnet56.onnx")
     sample = load_sample("test").images
     assert sample is not None
     images = sample[:256]
@@ -379,10 +399,12 @@ def main() -> None:
 
     print(f"machine: {os.cpu_count()} logical CPUs shared by client, server and (here) other work; "
           f"load average {os.getloadavg()[0]:.1f}")
-    with open_model(onnx) as runner:
+    options = {"precision": device_flags[3]} if cuda else {}
+    with open_model(served, device=args.device, **options) as runner:
         base = offline(runner, runner.card, images)
         expected_top1 = runner(preprocess(images, runner.card)).argmax(1)
-    print("offline Runner (onnxruntime, ResNet-56 random weights): "
+        card, backend = runner.card, f"{runner.backend} {runner.precision} on {runner.device}"
+    print(f"offline Runner ({backend}, ResNet-56 random weights): "
           + ", ".join(f"b{b}={v:.0f}" for b, v in base["per_batch"].items())
           + f" img/s; best {base['best_ips']:.0f} img/s; batch-1 p50 {base['batch1_p50_ms']:.2f} ms")
 
@@ -390,7 +412,7 @@ def main() -> None:
         return [("POST", "/predict?top_k=1", pngs[i % len(pngs)], {"Content-Type": "image/png"},
                  int(expected_top1[i % len(pngs)])) for i in range(n)]
 
-    tensors = preprocess(images, load_card(onnx))
+    tensors = preprocess(images, card)
     header = json.dumps({"inputs": [{"name": "input", "shape": [1, *tensors.shape[1:]], "datatype": "FP32",
                                      "parameters": {"binary_data_size": tensors[0].nbytes}}],
                          "outputs": [{"name": "logits", "parameters": {"binary_data": False}}]}).encode()
@@ -416,24 +438,26 @@ def main() -> None:
                 "model_us": 1e6 * (model1 - model0) / len(work)}
 
     runs = [(w, 32, False) for w in args.workers] + [(args.workers[-1], 1, False)]
-    if args.workers[-1] > 1 and not args.no_alternative:
+    if args.workers[-1] > 1 and not args.no_alternative and not cuda:  # a GPU is always shared
         runs.append((args.workers[-1], 32, True))
     table: dict[tuple[int, int, bool], dict[str, dict[str, float]]] = {}
-    print("\n| workers | arrangement | PNG /predict c=32 img/s (x offline best) | binary v2 c=32 img/s (x) "
+    print(f"\n| workers | arrangement | PNG /predict c={concurrency} img/s (x offline best) | binary v2 "
+          f"c={concurrency} img/s (x) "
           "| mean batch | c=1 p50 ms | server CPU per PNG request: all / model / outside the model |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for workers, max_batch, shared in runs:
         port = free_port()
-        server = start_server(onnx, port, max_batch, workers, shared)
+        server = start_server(served, port, max_batch, workers, shared, device_flags)
         try:
-            asyncio.run(load(port, jobs(200), 32))  # warm connections and caches
-            asyncio.run(load(port, v2_jobs(100), 32))
-            png = measure(port, server, jobs(args.requests), 32)
-            v2 = measure(port, server, v2_jobs(args.requests), 32)
+            asyncio.run(load(port, jobs(200), concurrency))  # warm connections and caches
+            asyncio.run(load(port, v2_jobs(100), concurrency))
+            png = measure(port, server, jobs(args.requests), concurrency)
+            v2 = measure(port, server, v2_jobs(args.requests), concurrency)
             c1 = measure(port, server, jobs(300), 1) if max_batch > 1 else None
             table[(workers, max_batch, shared)] = {"png": png, "v2": v2, **({"c1": c1} if c1 else {})}
             mode = ("one process" if workers == 1 else "one inference process (--shared-runner)" if shared
-                    else "a model per worker (default)") + ("" if max_batch > 1 else ", batching off")
+                    else "one inference process (default)" if cuda else "a model per worker (default)")
+            mode += "" if max_batch > 1 else ", batching off"
             best = base["best_ips"]
             print(f"| {workers} | {mode} | {png['ips']:.0f} ({png['ips'] / best:.2f}x) | "
                   f"{v2['ips']:.0f} ({v2['ips'] / best:.2f}x) | {png['batch']:.1f} | "
@@ -450,8 +474,11 @@ def main() -> None:
     top = table[(args.workers[-1], 32, False)]
     off = table[(args.workers[-1], 1, False)]
     best = base["best_ips"]
-    print(f"\nratios at --workers {args.workers[-1]}: PNG /predict c=32 / offline best = "
-          f"{top['png']['ips'] / best:.2f} (target >= 0.8); binary v2 c=32 / offline best = "
+    if cuda:
+        print(f"\nPNG /predict at c={concurrency} on the GPU: {top['png']['ips']:.0f} img/s (issue 11's "
+              f"target on an H100: >= 10,000 at c=64)")
+    print(f"\nratios at --workers {args.workers[-1]}: PNG /predict c={concurrency} / offline best = "
+          f"{top['png']['ips'] / best:.2f} (target >= 0.8); binary v2 c={concurrency} / offline best = "
           f"{top['v2']['ips'] / best:.2f} (target >= 0.9); batching on / off = "
           f"{top['png']['ips'] / off['png']['ips']:.2f} (target > 1); c=1 p50 - Runner batch-1 = "
           f"{top['c1']['p50'] - base['batch1_p50_ms']:+.2f} ms (target <= +2); server CPU per PNG request "
