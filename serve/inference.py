@@ -136,7 +136,6 @@ class InferenceHub:
                 "precision": self.runner.precision, "max_batch_size": self.runner.max_batch_size,
                 "describe": _describe(self.runner)}
         await self._serve(loop, stop, on_control, self.runner.card.to_json(), info)
-        await batcher.stop()
 
     async def _serve(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event, on_control: Any,
                      card_json: str, info: dict[str, Any]) -> None:
@@ -152,6 +151,8 @@ class InferenceHub:
         tasks = [task for client in self.clients.values() for task in client.tasks]
         if tasks:
             await asyncio.wait(tasks, timeout=self.config.drain_timeout_s)
+        if self.batcher is not None:  # before the shared memory its batches are views of goes away
+            await self.batcher.stop()
         for client in list(self.clients.values()):
             client.writer.close()
             _close_shm(client.shm)
