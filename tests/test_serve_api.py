@@ -328,3 +328,24 @@ def test_not_ready_until_warm_then_queue_full_503_and_timeout_504(runner, digits
         response = httpx.post(f"{base}/predict", content=body, timeout=30)
         assert response.status_code == 504 and "--timeout-s" in response.json()["error"]
         assert httpx.get(f"{base}/v2/health/live").status_code == 200
+
+
+def test_the_hot_path_and_the_fastapi_routes_answer_alike(base, runner, digits):
+    """serve.hotpath answers raw-body /predict and v2 infer below FastAPI; a query string it does not
+    handle (an extra parameter) sends the same request through FastAPI: both answers must be equal."""
+    image = png_bytes(digits[0][0])
+    hot = httpx.post(f"{base}/predict?top_k=3", content=image, headers={"X-Filename": "a.png"})
+    routed = httpx.post(f"{base}/predict?top_k=3&via=fastapi", content=image, headers={"X-Filename": "a.png"})
+    assert hot.status_code == routed.status_code == 200 and hot.json() == routed.json()
+    assert hot.json()["predictions"][0]["input"] == "a.png" and len(hot.json()["predictions"][0]["top"]) == 3
+    for query in ("top_k=0", "top_k=0&via=fastapi"):  # the same error both ways
+        answer = httpx.post(f"{base}/predict?{query}", content=image)
+        assert answer.status_code == 400 and "top_k must be at least 1" in answer.json()["error"]
+    batch = preprocess(digits[0][:2], runner.card)
+    body = {"inputs": [{"name": "input", "shape": list(batch.shape), "datatype": "FP32",
+                        "data": batch.ravel().tolist()}]}
+    hot = httpx.post(f"{base}/v2/models/{MODEL}/infer", json=body)
+    routed = httpx.post(f"{base}/v2/models/{MODEL}/infer?via=fastapi", json=body)
+    assert hot.status_code == routed.status_code == 200 and hot.json() == routed.json()
+    for suffix in ("", "?via=fastapi"):  # an unknown model: 404 both ways
+        assert httpx.post(f"{base}/v2/models/nope/infer{suffix}", json=body).status_code == 404
