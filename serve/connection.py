@@ -120,10 +120,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """Count a head's bytes before the parser sees them; past the cap, look for the head's end in
         this read (what follows it is body, which is not the head's size)."""
         seen = self._head_bytes + len(data)
-        window = self._tail + data
-        self._head_bytes, self._tail = seen, window[-3:]
         if seen <= self._max_head:
+            self._head_bytes = seen
+            self._tail = data[-3:] if len(data) >= 3 else (self._tail + data)[-3:]
             return False
+        window = self._tail + data
         end = window.find(HEAD_END)
         return end < 0 or seen - len(window) + end + len(HEAD_END) > self._max_head
 

@@ -123,6 +123,16 @@ def test_oversized_request_head_is_431_and_never_read_whole(server, base, comple
     assert "headers are over the limit of 16 KB" in json.loads(body)["error"]
 
 
+def test_a_small_head_with_a_large_body_in_the_same_read_is_not_431(server, base):
+    """The head cap counts bytes before the parser sees them; body bytes in the same read are not head."""
+    body = b"\x00" * (200 * 1024)  # over the 16 KB head cap, well under the 1 MB body limit
+    with _connect(server[1]) as sock:
+        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        status, _, payload = _read_response(sock)
+    assert status == 415 and "not a recognised image" in json.loads(payload)["predictions"][0]["error"]
+
+
 def test_request_head_stalled_or_trickled_is_408_and_closed(server, base):
     with _connect(server[1]) as sock:  # trickles: every byte resets uvicorn's keep-alive timer, not ours
         began = time.monotonic()
