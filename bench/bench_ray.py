@@ -21,25 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from _timing import cpu_model  # bench/ is on the path: scripts run as `python bench/<script>.py`
-
-
-def make_folder(root: Path, n: int, size: int = 40) -> Path:
-    from PIL import Image
-
-    from toolkit.data import load_sample
-
-    sample = load_sample("test")
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        j = i % len(sample)
-        pixels = sample.images[j].astype(np.int16) + rng.integers(-6, 7, sample.images[j].shape)
-        folder = root / sample.class_names[sample.labels[j]]
-        folder.mkdir(parents=True, exist_ok=True)
-        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).resize((size, size))
-        image.save(folder / f"{i:05d}.png")
-    return root
 
 
 def make_onnx(path: Path) -> Path:
@@ -77,13 +59,13 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
 
-    from toolkit.data import load_image_folder
+    from toolkit.data import load_image_folder, write_sample_folder
     from toolkit.engines import RunnerSpec, get_engine
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         began = time.perf_counter()
-        data = load_image_folder(make_folder(root / "images", args.images))
+        data = load_image_folder(write_sample_folder(root / "images", args.images))
         spec = RunnerSpec(str(make_onnx(root / "sample.onnx")))
         print(f"setup: {len(data):,} PNGs + sample ONNX in {time.perf_counter() - began:.1f} s")
         print(f"CPU: {cpu_model()} x {os.cpu_count()} logical cores; load average {os.getloadavg()[0]:.1f}")

@@ -24,6 +24,7 @@ import pytest
 
 pytest.importorskip("ray.data", reason="needs the ray extra: pip install 'resnet-toolkit[ray]'")
 
+from toolkit.data import write_sample_folder
 from toolkit.engines import RunnerSpec, get_engine
 from toolkit.engines.shards import SHARD_DIR
 
@@ -53,27 +54,9 @@ def spec(sample_onnx_fp32) -> RunnerSpec:
     return RunnerSpec(str(sample_onnx_fp32))
 
 
-def write_folder(root: Path, count: int, size: int = 40) -> Path:
-    """`count` PNGs in class subfolders, made from the sample's real digits (noise keeps them distinct)."""
-    from PIL import Image
-
-    from toolkit.data import load_sample
-
-    sample = load_sample("test")
-    rng = np.random.default_rng(count)
-    for i in range(count):
-        j = i % len(sample)
-        pixels = sample.images[j].astype(np.int16) + rng.integers(-6, 7, sample.images[j].shape)
-        folder = root / sample.class_names[sample.labels[j]]
-        folder.mkdir(parents=True, exist_ok=True)
-        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).resize((size, size))
-        image.save(folder / f"{i:05d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def folder_2000(tmp_path_factory) -> Path:
-    return write_folder(tmp_path_factory.mktemp("folder2000"), 2000)
+    return write_sample_folder(tmp_path_factory.mktemp("folder2000"), 2000)
 
 
 def assert_same_eval(local, on_ray) -> None:
@@ -165,7 +148,7 @@ def test_folder_of_2000_matches_local_and_a_killed_run_resumes(ray_address, spec
 def test_bad_files_are_error_rows_not_a_failed_job(ray_address, spec, tmp_path):
     from toolkit.data import load_image_folder
 
-    root = write_folder(tmp_path / "images", 30)
+    root = write_sample_folder(tmp_path / "images", 30)
     good = load_image_folder(root)
     first, second = sorted(p for p in root.iterdir())[:2]
     (first / "truncated.png").write_bytes(next(first.glob("*.png")).read_bytes()[:40])
@@ -187,7 +170,7 @@ def test_predict_reads_files_folders_globs_and_fsspec_urls(ray_address, spec, tm
 
     from toolkit.evaluate import PredictInput
 
-    root = write_folder(tmp_path / "images", 12)
+    root = write_sample_folder(tmp_path / "images", 12)
     files = sorted(str(p) for p in root.rglob("*.png"))
     memory = fsspec.filesystem("memory")
     for path in files[:4]:
@@ -224,7 +207,7 @@ def test_eval_on_a_memory_url_folder_equals_the_same_folder_on_disk(ray_address,
     from toolkit.data import load_image_folder
     from toolkit.engines.sources import load_dataset
 
-    root = write_folder(tmp_path / "images", 24)
+    root = write_sample_folder(tmp_path / "images", 24)
     memory = fsspec.filesystem("memory")
     for path in root.rglob("*.png"):
         memory.pipe(f"/ray-folder/{path.parent.name}/{path.name}", path.read_bytes())
@@ -243,7 +226,7 @@ def test_cli_predict_on_ray_and_option_errors(ray_address, spec, tmp_path, monke
 
     from toolkit.cli import app
 
-    root = write_folder(tmp_path / "images", 6)
+    root = write_sample_folder(tmp_path / "images", 6)
     runner = CliRunner()
     result = runner.invoke(app, ["predict", "-m", spec.model, str(root), "--engine", "ray", "-f", "json",
                                  "--output-dir", str(tmp_path / "out")])

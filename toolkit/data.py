@@ -417,6 +417,25 @@ def load_sample(split: str = "test") -> Dataset:
     return dataset
 
 
+def write_sample_folder(root: Path, count: int, size: int = 40, seed: int = 0) -> Path:
+    """`count` PNGs of `size`x`size` in class-per-folder layout under `root`, made from the sample's real
+    digits (small random noise keeps every file distinct): a folder dataset for tests and benches,
+    generated, never downloaded."""
+    from PIL import Image
+
+    sample = load_sample("test")
+    assert sample.images is not None and sample.labels is not None
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        j = i % len(sample)
+        pixels = sample.images[j].astype(np.int16) + rng.integers(-6, 7, sample.images[j].shape)
+        folder = root / sample.class_names[sample.labels[j]]
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).resize((size, size))
+        image.save(folder / f"{i:05d}.png")
+    return root
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None, split: str = "test",
                  download: bool = False) -> Dataset:
     """The one entry point behind `--dataset`/`--data-dir`."""

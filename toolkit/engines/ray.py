@@ -330,6 +330,15 @@ def _check_common(batch_size: int, replicas: int | None) -> None:
         raise UsageError(f"--replicas must be positive, got {replicas}")
 
 
+def _open_store(output_dir: Path | None, job: Any, rows: int, columns: Any, shard_size: int | None,
+                shard_format: str, progress: Callable[[int], None] | None) -> ShardStore:
+    """The run's shard store; a resumed run's progress starts at the rows its finished shards hold."""
+    store = ShardStore(output_dir, job, rows, columns, shard_size or DEFAULT_SHARD_SIZE, shard_format)
+    if progress is not None and store.done():
+        progress(store.rows_done())
+    return store
+
+
 # --- evaluate -----------------------------------------------------------------------------------------
 
 def evaluate(spec: RunnerSpec, dataset: Dataset, *, batch_size: int = 256,
@@ -346,10 +355,8 @@ def evaluate(spec: RunnerSpec, dataset: Dataset, *, batch_size: int = 256,
     data = align_dataset(dataset, card)
     assert data.labels is not None
     names, ids, all_labels = card.class_names, data.ids(), data.labels
-    store = ShardStore(output_dir, eval_job(spec, data, names), len(data), EVAL_COLUMNS,
-                       shard_size or DEFAULT_SHARD_SIZE, shard_format)
-    if progress is not None and store.done():
-        progress(store.rows_done())
+    store = _open_store(output_dir, eval_job(spec, data, names), len(data), EVAL_COLUMNS, shard_size,
+                        shard_format, progress)
 
     def finish(shard: int, rows: dict[str, np.ndarray]) -> None:
         """evaluate.evaluate's per-batch arithmetic, on one shard's readable rows."""
@@ -437,10 +444,8 @@ def predict(spec: RunnerSpec, inputs: Sequence[PredictInput], *, top_k: int = 5,
     card = model_card(spec)
     k = max(1, min(int(top_k), card.num_classes))
     items = list(inputs)
-    store = ShardStore(output_dir, predict_job(spec, items, k), len(items), PREDICT_COLUMNS,
-                       shard_size or DEFAULT_SHARD_SIZE, shard_format)
-    if progress is not None and store.done():
-        progress(store.rows_done())
+    store = _open_store(output_dir, predict_job(spec, items, k), len(items), PREDICT_COLUMNS, shard_size,
+                        shard_format, progress)
 
     def finish(shard: int, rows: dict[str, np.ndarray]) -> None:
         index, logits, errors = rows["index"], rows["logits"], rows["error"]
