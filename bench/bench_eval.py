@@ -64,7 +64,7 @@ def make_resnet56(root: Path, data_root: Path) -> Path:
     import torch
 
     from toolkit.archs import build_model
-    from toolkit.card import resolve_card
+    from toolkit.card_layers import resolve_card
     from toolkit.data import load_cifar
     from toolkit.preprocess import preprocess
 

@@ -22,7 +22,7 @@ from _timing import call_times, median
 
 
 def build(case: str):
-    from toolkit.card import resolve_card
+    from toolkit.card_layers import resolve_card
     from toolkit.checkpoint import load_checkpoint
     from toolkit.cli import SAMPLE_MODEL
     from toolkit.runtime.torch_runner import build_from_checkpoint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -42,3 +43,10 @@ class ServeConfig:
     @property
     def max_zip_bytes(self) -> int:
         return self.max_zip_ratio * self.max_body_bytes
+
+
+def wire_name(model: str, name: str | None = None) -> str:
+    """The model's name in URLs and v2 metadata: `name`, else the file's stem (a URL's last part)."""
+    if name:
+        return name
+    return model.rstrip("/").rsplit("/", 1)[-1] if model.startswith("http") else Path(model).stem

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, UsageError
 from toolkit.runtime.base import Runner
 
 from .config import ServeConfig
@@ -297,9 +297,15 @@ def placement(spec: Any, workers: int, instances: int | None = None,
     hand-off between processes costing more than batching across workers gains on a CPU); asked to
     share, one copy per worker behind the one batcher (small convolutions do not split well over
     threads). Anything else shares one copy (GPUs: one batcher, one model, the biggest batches; torch
-    and OpenVINO on CPU size their own threads to the whole machine)."""
-    onnx_cpu = (getattr(spec, "device", "cpu") == "cpu" and hasattr(spec, "backend_name")
-                and spec.backend_name() == "onnxruntime")
+    and OpenVINO on CPU size their own threads to the whole machine). Refuses what cannot be placed:
+    a model per worker on a GPU, or model instances with a model per worker."""
+    on_cpu = getattr(spec, "device", "cpu") == "cpu"
+    if per_worker and not on_cpu:
+        raise UsageError("--runner-per-worker is for CPUs; a GPU is shared through one inference process")
+    if per_worker and instances is not None:
+        raise UsageError("--model-instances applies to --shared-runner (with --runner-per-worker every "
+                         "worker has one model)")
+    onnx_cpu = on_cpu and hasattr(spec, "backend_name") and spec.backend_name() == "onnxruntime"
     per_worker = onnx_cpu if per_worker is None else per_worker
     copies = 0 if per_worker else max(1, instances or workers) if onnx_cpu else 1
     sharing = max(1, workers if per_worker else copies)

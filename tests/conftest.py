@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.cli import SAMPLE_MODEL
+from toolkit.sample import SAMPLE_MODEL
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

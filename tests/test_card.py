@@ -12,9 +12,9 @@ from toolkit.card import (
     imagenet_classes,
     load_sidecar,
     read_class_names,
-    resolve_card,
     sidecar_path,
 )
+from toolkit.card_layers import resolve_card
 from toolkit.errors import DataError, UsageError
 
 

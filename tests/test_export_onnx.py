@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from export import onnx as onnx_export
-from toolkit.card import resolve_card
+from toolkit.card_layers import resolve_card
 from toolkit.errors import ExportError, UsageError
 from toolkit.runtime.onnxruntime_runner import OnnxRuntimeRunner
 

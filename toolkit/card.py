@@ -401,32 +401,3 @@ def generic_class_names(num_classes: int) -> tuple[str, ...]:
     if not 1 <= num_classes <= MAX_CLASSES:
         raise CardError(f"{num_classes} classes is outside 1..{MAX_CLASSES} (the limit on a model's classes)")
     return tuple(f"class_{i}" for i in range(num_classes))
-
-
-def resolve_card(
-    *,
-    arch: str,
-    num_classes: int,
-    stem: str,
-    flags: Mapping[str, Any] | None = None,
-    card: ModelCard | None = None,
-    preset_name: str | None = None,
-) -> ModelCard:
-    """Merge one card with one precedence: CLI flag > card > preset > default.
-
-    `flags` holds card fields given on the command line (None means "not given").
-    `preset_name` defaults to the preset that fits the stem and head size. Class names from a
-    preset are used only when their count matches the head; otherwise generic names.
-    """
-    given = {k: v for k, v in (flags or {}).items() if v is not None}
-    from_card = {k: v for k, v in (card.to_dict() if card else {}).items() if k != "num_classes"}
-    chosen_preset = preset_name or default_preset_for(stem, num_classes)
-    from_preset = preset(chosen_preset)
-    if len(from_preset["class_names"]) != num_classes:
-        from_preset["class_names"] = generic_class_names(num_classes)
-    merged: dict[str, Any] = {"arch": arch}
-    for layer in (from_preset, from_card, given):  # later layers win
-        merged.update(layer)
-    merged["arch"] = given.get("arch", arch)
-    merged["toolkit_version"] = __version__
-    return ModelCard.from_dict(merged)

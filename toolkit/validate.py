@@ -6,13 +6,15 @@ everything that is wrong. Only unreadable files end the report early.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from .card import ModelCard, generic_class_names, load_sidecar, read_class_names, resolve_card
+from .card import ModelCard, load_sidecar
+from .card_layers import CardFlags, checkpoint_card
 from .checkpoint import (
     ArchInfo,
     LoadedCheckpoint,
@@ -24,7 +26,7 @@ from .checkpoint import (
 )
 from .errors import ArchitectureError, CheckpointError, DataError
 
-Severity = Literal["error", "warning"]
+Severity = Literal["error", "warning", "info"]
 MAX_LISTED = 10
 
 
@@ -56,6 +58,10 @@ class ValidationReport:
     accuracy_precision: str | None = None
     problems: list[Problem] = field(default_factory=list)
     card: ModelCard | None = None
+    # the public weights the file was recognised as (publisher, name, published top-1, source)
+    recognised: dict[str, Any] | None = None
+    # what the training script saved beside the weights (best accuracy, epoch, arch)
+    recorded: dict[str, Any] = field(default_factory=dict)
 
     def add(self, severity: Severity, code: str, message: str) -> None:
         self.problems.append(Problem(severity, code, message))
@@ -80,7 +86,7 @@ def validate_checkpoint(
     path: str | Path,
     *,
     arch: str | None = None,
-    classes: str | None = None,
+    flags: CardFlags | None = None,
     dataset: str | None = None,
     data_dir: str | Path | None = None,
     split: str = "test",
@@ -91,23 +97,15 @@ def validate_checkpoint(
     device: str = "cpu",
     precision: str = "fp32",
 ) -> ValidationReport:
-    """Run every check on a checkpoint. Usage errors (unknown --arch, bad --classes) raise.
+    """Run every check on a checkpoint. Usage errors (unknown --arch, bad card flags) raise.
     `device`/`precision` are where and how the accuracy gate runs (the torch runner's options)."""
     report = ValidationReport(path=str(path))
-    class_names = read_class_names(classes) if classes else None
     try:
         ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
     except (CheckpointError, ArchitectureError, DataError) as exc:
         report.add("error", "unreadable", str(exc))
         return report
-    report.sha256, report.wrapper = ckpt.sha256, ckpt.wrapper
-    report.prefix, report.layout = ckpt.prefix, ckpt.layout
-    if ckpt.dropped_keys:
-        report.add("warning", "dropped_keys",
-                   f"keys outside the network were ignored: {_listed(ckpt.dropped_keys)}")
-    if ckpt.pickled_module:
-        report.add("warning", "pickled_module",
-                   "weights came from a whole pickled nn.Module (loaded with --allow-pickle)")
+    _describe_file(ckpt, report)
     try:
         info = resolve_architecture(ckpt.state_dict, arch)
     except ArchitectureError as exc:
@@ -116,26 +114,7 @@ def validate_checkpoint(
     report.arch, report.num_classes = info.arch, info.num_classes
     report.family, report.stem, report.depth = info.spec.family, info.spec.stem, info.spec.depth
     report.shortcut = info.shortcut
-
-    if class_names is not None and len(class_names) != info.num_classes:
-        report.add("error", "head_mismatch",
-                   f"the head has {info.num_classes} outputs but --classes {classes} lists "
-                   f"{len(class_names)} classes")
-        class_names = None
-    try:
-        card = ckpt.card or load_sidecar(ckpt.path)
-    except DataError as exc:  # a malformed sidecar: report it, judge the weights without it
-        report.add("error", "card", f"{ckpt.path.name}.card.json: {exc}")
-        card = None
-    report.card = resolve_card(
-        arch=info.arch, num_classes=info.num_classes, stem=info.spec.stem,
-        flags={"class_names": class_names, "shortcut": info.shortcut, "source_sha256": ckpt.sha256},
-        card=card, preset_name=classes if classes in ("cifar10", "cifar100", "imagenet") else None,
-    )
-    if report.card.num_classes != info.num_classes:  # a stale sidecar card: the tensors win
-        report.add("error", "card_mismatch",
-                   f"the card lists {report.card.num_classes} classes but the head has {info.num_classes}")
-        report.card = report.card.replace(class_names=generic_class_names(info.num_classes))
+    _resolve_card(ckpt, info, flags or CardFlags(), report)
 
     _check_tensors(ckpt, report)
     model = _strict_load(ckpt, info, report)
@@ -147,6 +126,47 @@ def validate_checkpoint(
                             device=device, precision=precision)
     report.valid = not report.errors
     return report
+
+
+def _describe_file(ckpt: LoadedCheckpoint, report: ValidationReport) -> None:
+    """How the weights were stored, and what the loader noticed on the way (info, not faults)."""
+    report.sha256, report.wrapper = ckpt.sha256, ckpt.wrapper
+    report.prefix, report.layout = ckpt.prefix, ckpt.layout
+    report.recorded = dict(getattr(ckpt, "recorded", None) or {})
+    for code, message in getattr(ckpt, "notes", None) or ():
+        report.add("info", code, message)
+    if report.recorded:
+        report.add("info", "recorded", "the file records " + ", ".join(
+            f"{key} {value}" for key, value in report.recorded.items()))
+    if ckpt.dropped_keys:
+        report.add("warning", "dropped_keys",
+                   f"keys outside the network were ignored: {_listed(ckpt.dropped_keys)}")
+    if ckpt.pickled_module:
+        report.add("warning", "pickled_module",
+                   "weights came from a whole pickled nn.Module (loaded with --allow-pickle)")
+
+
+def _resolve_card(ckpt: LoadedCheckpoint, info: ArchInfo, flags: CardFlags, report: ValidationReport) -> None:
+    """The card every other command would build (`checkpoint_card`), with its faults as problems."""
+    names = flags.fields({}).get("class_names") if flags.classes else None
+    if names is not None and len(names) != info.num_classes:
+        report.add("error", "head_mismatch", f"the head has {info.num_classes} outputs but --classes "
+                   f"{flags.classes} lists {len(names)} classes")
+        flags = dataclasses.replace(flags, classes=None)
+    sidecar = True
+    try:
+        stored = ckpt.card or load_sidecar(ckpt.path)
+    except DataError as exc:  # a malformed sidecar: report it, judge the weights without it
+        report.add("error", "card", f"{ckpt.path.name}.card.json: {exc}")
+        stored, sidecar = None, False
+    if stored is not None and stored.num_classes != info.num_classes:  # a stale card: the tensors win
+        report.add("error", "card_mismatch",
+                   f"the card lists {stored.num_classes} classes but the head has {info.num_classes}")
+    report.card, known = checkpoint_card(ckpt, info, flags, sidecar=sidecar)
+    if known is not None:
+        report.recognised = known.summary()
+        report.add("info", "recognised", f"recognised: {known.label}, published top-1 {known.top1:g} % "
+                   f"({known.dataset}); its preprocessing is the card's unless a flag says otherwise")
 
 
 def _check_tensors(ckpt: LoadedCheckpoint, report: ValidationReport) -> None:

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from ..card_layers import override_card
 from ..errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..card import ModelCard
+    from ..card_layers import CardFlags
     from ..evaluate import EvalReport
     from ..runtime.base import Runner
 
@@ -32,17 +35,36 @@ DEFAULT_ENGINE = "local"
 
 @dataclass(frozen=True)
 class RunnerSpec:
-    """How to open the model (picklable): `open_model(model, backend=..., device=..., **options)`."""
+    """How to open the model (picklable): `open_model(model, backend=..., device=..., **options)`, with
+    the user's card flags on top of the card it carries (`card_flags`)."""
 
     model: str
     backend: str = "auto"
     device: str = "cpu"
     options: Mapping[str, Any] = field(default_factory=dict)
+    card_flags: CardFlags | None = None
 
     def open(self) -> Runner:
-        from ..runtime.registry import open_model
+        from ..runtime.registry import detect_format, open_model
 
-        return open_model(self.model, backend=self.backend, device=self.device, **dict(self.options))
+        if self.card_flags and detect_format(self.model) == "checkpoint":  # a layer of the card it builds
+            return open_model(self.model, backend=self.backend, device=self.device, **dict(self.options),
+                              card_flags=self.card_flags)
+        runner = open_model(self.model, backend=self.backend, device=self.device, **dict(self.options))
+        runner.card = override_card(runner.card, self.card_flags, self.model)
+        return runner
+
+    def read_card(self) -> ModelCard:
+        """The card without a device: exported artifacts from their metadata, others opened on the CPU."""
+        from ..runtime.registry import detect_format
+
+        if not self.model.startswith(("http://", "https://")) and detect_format(self.model) in (
+                "onnx", "torchscript", "tensorrt"):
+            from ..artifacts import read_artifact
+
+            return override_card(read_artifact(self.model)[0], self.card_flags, self.model)
+        with replace(self, device="cpu").open() as runner:
+            return runner.card
 
     def backend_name(self) -> str:
         """The backend `open` will use: `auto` resolved from the artifact's format, as open_model does."""

@@ -156,17 +156,8 @@ def _toolkit_cause(exc: BaseException) -> ToolkitError | None:
 # --- the model ----------------------------------------------------------------------------------------
 
 def model_card(spec: RunnerSpec) -> ModelCard:
-    """The card, read in the driver without a device: exported artifacts from their metadata."""
-    from ..runtime.registry import detect_format
-
-    if not spec.model.startswith(("http://", "https://")) and detect_format(spec.model) in (
-            "onnx", "torchscript", "tensorrt"):
-        with contextlib.suppress(ImportError):
-            from ..artifacts import read_artifact
-
-            return read_artifact(spec.model)[0]
-    with RunnerSpec(spec.model, spec.backend, "cpu", spec.options).open() as runner:
-        return runner.card
+    """The card, read in the driver without a device."""
+    return spec.read_card()
 
 
 class Replica:

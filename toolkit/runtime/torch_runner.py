@@ -4,7 +4,10 @@ On a GPU it runs at full speed when asked: weights cast once to fp16/bf16 (`prec
 memory, uint8 batches uploaded from pinned memory and normalised on the device (`run_uint8`), CUDA
 graphs for fixed batch shapes (`cuda_graphs`) or `torch.compile` (`compile`) with inductor's cache in a
 reusable folder. Fixed shapes: a smaller batch is padded to the first batch's size, a larger one split.
-Every runner warms up at load, so timings exclude it.
+
+As every backend: the constructor stores (and places the module on its device), `open` does the work
+and ends with `Runner.warm_up`, so timings exclude it (as Polygraphy's runners keep `__init__` cheap
+and `activate` heavy).
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..artifacts import ArtifactFacts, card_input, card_output
-from ..card import ModelCard, load_sidecar, resolve_card
+from ..artifacts import ArtifactFacts, checkpoint_facts
+from ..card import ModelCard
+from ..card_layers import CardFlags, checkpoint_card
 from ..checkpoint import ArchInfo, LoadedCheckpoint, load_checkpoint, load_strict, resolve_architecture
 from ..device_preprocess import DTYPES, DeviceNormalizer, PinnedUploader, torch_dtype
 from ..errors import BackendUnavailableError, InputError, UsageError, first_line
@@ -33,6 +38,17 @@ def default_compile_cache() -> Path:
     """Where inductor keeps compiled kernels between runs: $XDG_CACHE_HOME or ~/.cache."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "resnet-toolkit" / "inductor"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the module runs, beyond its precision: memory format, capture, and the fixed batch shape."""
+
+    channels_last: bool | None = None  # None: on for cuda
+    cuda_graphs: bool = False  # capture one CUDA graph per input path at the fixed shape
+    compile: str | None = None  # a torch.compile mode (names.COMPILE_MODES)
+    compile_cache: str | Path | None = None  # inductor's cache folder (default: `default_compile_cache()`)
+    batch_size: int | None = None  # the shape to warm up, capture and compile at (else the first batch's)
 
 
 def check_gpu_options(device: str, precision: str, cuda_graphs: bool, compile: str | None) -> None:
@@ -63,18 +79,15 @@ def load_state_into(model: Any, state: dict[str, Any]) -> None:
 
 
 def build_from_checkpoint(
-    ckpt: LoadedCheckpoint, *, arch: str | None = None, card_flags: dict[str, Any] | None = None,
-    preset_name: str | None = None,
+    ckpt: LoadedCheckpoint, *, arch: str | None = None,
+    card_flags: CardFlags | Mapping[str, Any] | None = None,
 ) -> tuple[Any, ModelCard, ArchInfo]:
-    """Network with weights loaded, its resolved card and the architecture facts."""
+    """Network with weights loaded, its resolved card (`card_layers.checkpoint_card`) and the
+    architecture facts."""
     from ..archs import build_model
 
     info = resolve_architecture(ckpt.state_dict, arch)
-    card = resolve_card(
-        arch=info.arch, num_classes=info.num_classes, stem=info.spec.stem,
-        flags={"shortcut": info.shortcut, "source_sha256": ckpt.sha256, **(card_flags or {})},
-        card=ckpt.card or load_sidecar(ckpt.path), preset_name=preset_name,
-    )
+    card, _ = checkpoint_card(ckpt, info, card_flags)
     model = build_model(info.arch, info.num_classes, shortcut=info.shortcut)
     load_state_into(model, ckpt.state_dict)
     return model.eval(), card, info
@@ -88,25 +101,26 @@ class TorchRunner(Runner):
 
     def __init__(self, model: Any, card: ModelCard, *, source: str, device: str = "cpu",
                  facts: ArtifactFacts | None = None, precision: str = "fp32",
-                 channels_last: bool | None = None,
-                 cuda_graphs: bool = False, compile: str | None = None,
-                 compile_cache: str | Path | None = None, batch_size: int | None = None,
-                 warmup: int = 2, cast: str = "weights") -> None:
-        """`cast`: how `precision` is reached: "weights" (cast once, inputs in that dtype), "autocast"
+                 options: RunOptions = RunOptions(), cast: str = "weights") -> None:
+        """Store the module, placed on `device` at `precision`; nothing runs until called (`open` warms up).
+
+        `cast`: how `precision` is reached: "weights" (cast once, inputs in that dtype), "autocast"
         (frozen TorchScript, whose weights are graph constants: autocast around fp32 edges) or "none"
         (the module is at that precision already, behind fp32 edges)."""
         super().__init__(card, source=source, device=device, facts=facts)
         import torch
 
-        check_gpu_options(device, precision, cuda_graphs, compile)
+        check_gpu_options(device, precision, options.cuda_graphs, options.compile)
         self._torch = torch
         self._device = torch_device(device)
         cuda = self._device.type == "cuda"
         self.precision = precision
-        self.channels_last = cuda if channels_last is None else channels_last
-        self.cuda_graphs = cuda_graphs
-        self.compile_mode = compile
-        self.compile_status = "off" if compile is None else "pending"
+        self.channels_last = cuda if options.channels_last is None else options.channels_last
+        self.cuda_graphs = options.cuda_graphs
+        self.compile_mode = options.compile
+        self.compile_status = "off" if options.compile is None else "pending"
+        self.compile_cache = Path(options.compile_cache or default_compile_cache())
+        self.batch_size = options.batch_size
         self.accepts_uint8 = cuda  # on the CPU, numpy preprocessing in the prefetch thread is faster
         self._cast = cast
         self._dtype = torch_dtype(precision if cast == "weights" else "fp32")  # the model's input dtype
@@ -121,12 +135,11 @@ class TorchRunner(Runner):
         self._eager: dict[str, Callable[[Any], Any]] = {"uint8": self._from_uint8, "float": self._from_float}
         self._steps = dict(self._eager)
         self._pending: set[str] = set()  # compiled steps not yet run: the first call compiles
-        if compile is not None:
-            self._steps, self._pending = self._compiled(compile, compile_cache), set(self._eager)
-        self._fixed: int | None = batch_size if (cuda_graphs or compile) else None
+        if options.compile is not None:
+            self._steps, self._pending = self._compiled(options.compile), set(self._eager)
+        self._fixed: int | None = options.batch_size if (options.cuda_graphs or options.compile) else None
         self._graphs: dict[tuple[str, tuple[int, ...]], Any] = {}
         self._seen: set[tuple[str, tuple[int, ...]]] = set()
-        self._warm_up(warmup, batch_size)
 
     # --- preparation ------------------------------------------------------------------------------
 
@@ -144,18 +157,11 @@ class TorchRunner(Runner):
                                           f"{first_line(exc)}") from None
         return model.eval()
 
-    def _compiled(self, mode: str, cache: str | Path | None) -> dict[str, Callable[[Any], Any]]:
+    def _compiled(self, mode: str) -> dict[str, Callable[[Any], Any]]:
         """torch.compile of each input path (uint8 -> normalise -> model, float -> model: the
-        normalisation fuses into the compiled graph), with inductor's cache in a folder the next run
-        reuses; eager if it cannot."""
+        normalisation fuses into the compiled graph); eager if it cannot. Wrapping compiles nothing:
+        the first call of each does (`_guarded`)."""
         torch = self._torch
-        folder = Path(cache) if cache is not None else default_compile_cache()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"--compile-cache {folder}: cannot create it ({exc.strerror})") from None
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # read when inductor first compiles
-        self.compile_cache = folder
         try:
             return {kind: torch.compile(step, mode=None if mode == "default" else mode, dynamic=False)
                     for kind, step in self._eager.items()}
@@ -168,20 +174,20 @@ class TorchRunner(Runner):
         log.warning("warning: torch.compile is not possible here (%s); running eager", first_line(exc))
         self._steps, self._pending = dict(self._eager), set()
 
-    def _warm_up(self, calls: int, batch_size: int | None) -> None:
-        """Run the model before anyone times it: kernels chosen, memory pools grown, graphs captured.
+    def _warm_up_once(self) -> None:
+        """One call at the fixed batch size, on the path real batches take (uint8 where the runner
+        normalises on its device): kernels chosen, memory pools grown, graphs captured, code compiled.
 
         Without a known batch size, graphs and compiled code are made at the first real batch instead
         (the batch evaluate's timing sets apart as warm-up): a batch of one would fix the wrong shape.
         """
-        if calls < 1 or ((self.cuda_graphs or self.compile_mode) and batch_size is None):
+        if (self.cuda_graphs or self.compile_mode) and self._fixed is None:
             return
-        n = batch_size or 1
-        for _ in range(calls):
-            if self.accepts_uint8:
-                self.run_uint8(np.zeros((n, self.card.height, self.card.width, 3), np.uint8))
-            else:
-                self(np.zeros((n, *self.card.input_size), np.float32))
+        n = self._fixed or self.batch_size or 1
+        if self.accepts_uint8:
+            self.run_uint8(np.zeros((n, self.card.height, self.card.width, 3), np.uint8))
+        else:
+            self(np.zeros((n, *self.card.input_size), np.float32))
 
     # --- running ----------------------------------------------------------------------------------
 
@@ -223,7 +229,8 @@ class TorchRunner(Runner):
         if kind not in self._pending:
             return self._steps[kind](x)
         try:
-            out = self._steps[kind](x)
+            with _inductor_cache(self.compile_cache):
+                out = self._steps[kind](x)
         except Exception as exc:  # noqa: BLE001 - inductor/triton/C++ compiler missing: eager is correct
             self._compile_failed(exc)
             return self._steps[kind](x)
@@ -258,7 +265,7 @@ class TorchRunner(Runner):
 
     @classmethod
     def open(cls, path: str | Path, *, device: str = "cpu", arch: str | None = None,
-             allow_pickle: bool = False, card_flags: dict[str, Any] | None = None,
+             allow_pickle: bool = False, card_flags: CardFlags | Mapping[str, Any] | None = None,
              precision: str = "fp32", channels_last: bool | None = None, cuda_graphs: bool = False,
              compile: str | None = None, compile_cache: str | Path | None = None,
              batch_size: int | None = None, warmup: int = 2) -> TorchRunner:
@@ -271,13 +278,13 @@ class TorchRunner(Runner):
         `warmup` calls at load.
         """
         check_gpu_options(device, precision, cuda_graphs, compile)
+        options = RunOptions(channels_last, cuda_graphs, compile, compile_cache, batch_size)
+        if compile is not None:
+            _make_cache_folder(Path(compile_cache or default_compile_cache()))
         ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
         model, card, _ = build_from_checkpoint(ckpt, arch=arch, card_flags=card_flags)
-        facts = ArtifactFacts("checkpoint", toolkit_version=None, inputs=(card_input(card),),
-                              outputs=(card_output(card),))
-        return cls(model, card, source=str(path), device=device, facts=facts, precision=precision,
-                   channels_last=channels_last, cuda_graphs=cuda_graphs, compile=compile,
-                   compile_cache=compile_cache, batch_size=batch_size, warmup=warmup)
+        return cls(model, card, source=str(path), device=device, facts=checkpoint_facts(card),
+                   precision=precision, options=options).warm_up(warmup)
 
     def describe(self) -> dict[str, Any]:
         info = {**super().describe(), "precision": self.precision, "channels_last": self.channels_last,
@@ -286,6 +293,33 @@ class TorchRunner(Runner):
             info.update(compile=self.compile_mode, compile_status=self.compile_status,
                         compile_cache=str(self.compile_cache))
         return info
+
+
+def read_checkpoint(path: str | Path) -> tuple[ModelCard, ArtifactFacts]:
+    """A checkpoint's card, resolved from its weights as `open` resolves it, and its facts (`FORMATS`'
+    reader for checkpoints: `toolkit info`). Nothing is placed on a device or run."""
+    _, card, _ = build_from_checkpoint(load_checkpoint(path))
+    return card, checkpoint_facts(card)
+
+
+def _make_cache_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--compile-cache {folder}: cannot create it ({exc.strerror})") from None
+
+
+def _inductor_cache(folder: Path) -> Any:
+    """Inductor's cache in `folder` while a step compiles, the process environment restored after.
+
+    Inductor reads its cache folder only from TORCHINDUCTOR_CACHE_DIR (torch 2.14's
+    torch._inductor.config has no setting for it), so the least global way is the scoped context
+    torch's own `standalone_compile` uses: `cache_dir_utils.temporary_cache_dir`, which also clears
+    inductor's cached paths on entry and exit. Compile workers are handed the variable per task.
+    """
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    return temporary_cache_dir(str(folder))
 
 
 def _autocast_call(model: Any, device_type: str, dtype: Any, x: Any) -> Any:

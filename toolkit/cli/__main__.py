@@ -1,0 +1,5 @@
+"""`python -m toolkit.cli ...`, as the console script."""
+
+from . import main
+
+main()
