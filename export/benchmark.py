@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from toolkit.evaluate import align_dataset, evaluate
 from toolkit.names import EXPORT_PRECISIONS, RUN_PRECISIONS
 from toolkit.runtime.base import Runner
 
-FORMATS = ("torch", "torchscript", "onnx", "openvino", "tensorrt")
+FORMATS = ("torch", "torchscript", "onnx", "openvino", "tensorrt", "pt2", "aoti")
 PRECISIONS = EXPORT_PRECISIONS
 # rows whose runner computes at a precision of its own choosing (--precision), from an fp32 artifact
 RUN_BACKENDS = ("torch", "torchscript")
@@ -63,6 +63,8 @@ PLAN = (
     Variant("tensorrt", "fp32", "tensorrt"),
     Variant("tensorrt", "fp16", "tensorrt"),
     Variant("tensorrt", "int8", "tensorrt"),
+    Variant("pt2", "fp32", "pt2"),
+    Variant("aoti", "fp32", "aoti"),
 )
 
 
@@ -141,9 +143,10 @@ class _Artifacts:
     """Exports each (format, precision) once; OpenVINO rows reuse the ONNX files."""
 
     def __init__(self, checkpoint: str, folder: Path, dataset: str, data_dir: Path | None, *, device: str,
-                 allow_pickle: bool, calib_size: int, verify_samples: int) -> None:
+                 allow_pickle: bool, calib_size: int, verify_samples: int,
+                 card_flags: Mapping[str, Any] | None = None) -> None:
         self.checkpoint, self.folder, self.dataset, self.data_dir = checkpoint, folder, dataset, data_dir
-        self.device, self.allow_pickle = device, allow_pickle
+        self.device, self.allow_pickle, self.card_flags = device, allow_pickle, card_flags
         self.calib_size, self.verify_samples = calib_size, verify_samples
         self.made: dict[tuple[str, str], Any] = {}
 
@@ -159,7 +162,7 @@ class _Artifacts:
                 self.checkpoint, fmt, output, precision=precision, device=self.device,
                 calib_dataset=self.dataset if precision == "int8" else None, data_dir=self.data_dir,
                 calib_size=self.calib_size, verify_dataset=self.dataset, verify_samples=self.verify_samples,
-                allow_pickle=self.allow_pickle,
+                allow_pickle=self.allow_pickle, card_flags=self.card_flags,
             )
         return self.made[key]
 
@@ -167,15 +170,15 @@ class _Artifacts:
 def _open(variant: Variant, checkpoint: str, artifacts: _Artifacts, device: str, allow_pickle: bool,
           runner_options: dict[str, Any] | None = None) -> tuple[Runner, Any]:
     """The row's runner (and its export result). The torch and TorchScript rows other than the fp32
-    reference get `runner_options` at the row's precision, and run the fp32 artifact."""
+    reference get `runner_options` at the row's precision, and run the fp32 artifact; the torch rows
+    open the checkpoint with the card flags the artifacts were exported with."""
     from toolkit.runtime.registry import open_model
 
     options: dict[str, Any] = {}
     if variant.backend in RUN_BACKENDS and variant != PLAN[0]:
         options = {**(runner_options or {}), "precision": variant.precision}
     if variant.format == "torch":
-        if allow_pickle:
-            options["allow_pickle"] = True
+        options.update(_torch_options(allow_pickle, artifacts.card_flags))
         return open_model(checkpoint, backend="torch", device=device, **options), None
     if variant.backend == "tensorrt" and not device.startswith("cuda"):
         raise UsageError("TensorRT needs --device cuda and a GPU with TensorRT installed")
@@ -240,16 +243,16 @@ def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = Non
                   device: str = "cpu", output_dir: str | Path | None = None, allow_pickle: bool = False,
                   progress: bool = False, latency_runs: int = 30, min_seconds: float = 0.5,
                   calib_size: int = 512, verify_samples: int = 512,
-                  runner_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                  runner_options: dict[str, Any] | None = None,
+                  card_flags: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Every row of the table as a dict, plus what was measured on; writes JSON + chart to output_dir.
 
     `runner_options`: the torch and TorchScript runners' options (`precision`: their rows' compute
-    precision); the torch fp32 reference row runs without them."""
-    from toolkit.runtime.registry import detect_format
+    precision); the torch fp32 reference row runs without them. `card_flags` override card fields of
+    the checkpoint in every row (its torch runners and every export)."""
+    from toolkit.runtime.registry import require_checkpoint
 
-    if detect_format(checkpoint) != "checkpoint":
-        raise UsageError("benchmark starts from a training checkpoint (.pt .pth .ckpt .safetensors), "
-                         f"not {checkpoint}")
+    checkpoint = require_checkpoint(checkpoint, doing="benchmark")
     if not batch_sizes or min(batch_sizes) < 1:
         raise UsageError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
     variants = _without_unusable_tensorrt(plan(formats, precisions, (runner_options or {}).get("precision")),
@@ -260,7 +263,7 @@ def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = Non
     folder.mkdir(parents=True, exist_ok=True)
     artifacts = _Artifacts(str(checkpoint), folder, dataset, Path(data_dir) if data_dir else None,
                            device=device, allow_pickle=allow_pickle, calib_size=calib_size,
-                           verify_samples=min(verify_samples, len(data)))
+                           verify_samples=min(verify_samples, len(data)), card_flags=card_flags)
     log = _logger(progress)
     rows: list[dict[str, Any]] = []
     try:
@@ -269,7 +272,7 @@ def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = Non
         for variant in variants:
             log(f"{variant.label}: exporting, verifying, evaluating, timing…")
             if timing_images is None:
-                timing_images = _timing_images(checkpoint, data, allow_pickle)
+                timing_images = _timing_images(checkpoint, data, _torch_options(allow_pickle, card_flags))
             row = _row(variant, str(checkpoint), artifacts, data, timing_images, batch_sizes, device,
                        allow_pickle, reference, latency_runs, min_seconds, runner_options)
             if variant == PLAN[0]:
@@ -285,8 +288,9 @@ def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = Non
         row.pop("predictions", None)
         if not keep:
             row.pop("file", None)
-    result = {"model": str(checkpoint), "dataset": data.name, "num_samples": len(data), "device": device,
-              "batch_sizes": list(batch_sizes), "rows": rows}
+    result = {"model": str(checkpoint), "dataset": data.name, "sampling": data.sampling,
+              "num_samples": len(data), "device": device, "batch_sizes": list(batch_sizes), "rows": rows,
+              "recommendation": recommendation(rows, device)}
     if keep:
         from toolkit.fileio import atomic_write_text
 
@@ -296,11 +300,18 @@ def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = Non
     return result
 
 
-def _timing_images(checkpoint: str | Path, data: Dataset, allow_pickle: bool) -> np.ndarray:
+def _torch_options(allow_pickle: bool, card_flags: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The options every open of the checkpoint's torch runner takes (TorchRunner.open)."""
+    options: dict[str, Any] = {"allow_pickle": True} if allow_pickle else {}
+    if card_flags:
+        options["card_flags"] = dict(card_flags)
+    return options
+
+
+def _timing_images(checkpoint: str | Path, data: Dataset, options: dict[str, Any]) -> np.ndarray:
     """A few real preprocessed images (the card's preprocessing) to time with."""
     from toolkit.runtime.registry import open_model
 
-    options: dict[str, Any] = {"allow_pickle": True} if allow_pickle else {}
     with open_model(checkpoint, backend="torch", **options) as runner:
         card = runner.card
     sample = align_dataset(data, card).subset(min(len(data), 64))
@@ -337,3 +348,32 @@ def plot_benchmark(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     ax.set_title("accuracy vs throughput")
     ax.grid(True, alpha=0.3)
     return save_figure(fig, path)
+
+
+# --- the recommendation line ---------------------------------------------------------------------
+
+PATHS = {"torch": "eager PyTorch", "torchscript": "TorchScript", "onnxruntime": "ONNX Runtime",
+         "openvino": "OpenVINO", "tensorrt": "TensorRT", "pt2": "torch.export program",
+         "aoti": "AOTInductor package"}
+
+
+def recommendation(rows: Sequence[dict[str, Any]], device: str) -> str | None:
+    """The fastest row that passed its checks without a significant accuracy loss (McNemar's p < 0.05
+    with a lower accuracy than the fp32 reference), named as a path a user would choose."""
+    if not rows:
+        return None
+    reference = rows[0].get("accuracy") or 0.0
+
+    def usable(row: dict[str, Any]) -> bool:
+        worse = (row.get("mcnemar_p") or 1.0) < 0.05 and (row.get("accuracy") or 0.0) < reference
+        return row["status"] == "ok" and bool(row.get("throughput")) and not worse
+
+    candidates = [row for row in rows if usable(row)]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda row: row["throughput"])
+    kind = "GPU" if device.startswith("cuda") else "CPU"
+    return (f"fastest {kind} path here: {best['name']} ({PATHS.get(best['backend'], best['backend'])}), "
+            f"{best['throughput']:,.0f} img/s at batch {best['best_batch_size']}, "
+            f"{best.get('speedup') or 1.0:.2f}x torch eager fp32, accuracy not significantly lower")
+

@@ -21,8 +21,8 @@ from toolkit.artifacts import PRECISIONS, ArtifactFacts, onnx_metadata, onnx_ten
 from toolkit.card import ModelCard
 from toolkit.errors import ExportError, UsageError, first_line
 from toolkit.fileio import atomic_path, os_error, staging_dir
+from toolkit.names import INPUT_NAME, OUTPUT_NAME
 
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 DEFAULT_OPSET = 18
 MIN_OPSET = 11
 DYNAMO_MIN_OPSET = 18

@@ -50,21 +50,22 @@ What `run_export` guarantees about the files around the output
 
 from __future__ import annotations
 
+import functools
 import importlib
-import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from toolkit import fileio
 from toolkit.card import ModelCard
 from toolkit.data import Dataset, load_dataset
 from toolkit.errors import DataError, ExportError, NoSpaceError, UsageError, VerificationError
-from toolkit.fileio import COMPANION_SUFFIXES, artifact_size, os_error, recover, staging_dir, swap_in
+from toolkit.fileio import COMPANION_SUFFIXES, artifact_size
 from toolkit.names import EXPORT_FORMATS, EXPORT_PRECISIONS
 from toolkit.runtime.base import Runner
 
-from .verify import Tolerances, VerifyReport, verify
+from .verify import Tolerances, VerifyReport, verify, without_calibration
 
 FAILED_TAG = "failed-verify"
 STAGING_KIND = "export"
@@ -89,12 +90,22 @@ class OnnxOptions:
 
 @dataclass(frozen=True)
 class Int8Options:
-    """Calibration of an int8 (Q/DQ) ONNX: images, how many, how ranges are estimated."""
+    """Calibration of an int8 (Q/DQ) ONNX: the images drawn from, how many, how ranges are estimated."""
 
     dataset: Dataset | None = None
     size: int = 512
     method: str = "minmax"
     activations: str = "u8"
+    seed: int = 0
+
+    @functools.cached_property
+    def calibration(self) -> Dataset:
+        """The images calibration uses, drawn once: the quantiser reads these, verification holds them out."""
+        from .quantize import select_calibration
+
+        if self.dataset is None:
+            raise UsageError("int8 needs calibration images (--calib-dataset)")
+        return select_calibration(self.dataset, self.size, self.seed)
 
     def __post_init__(self) -> None:
         from toolkit.names import CALIB_METHODS
@@ -273,14 +284,14 @@ def build_onnx(job: ExportJob, path: Path) -> Path:
                                   batch_size=o.batch_size, precision=job.precision)
     from . import quantize
 
-    if job.int8.dataset is None:  # fail before the slow export
-        raise UsageError("int8 needs calibration images (--calib-dataset)")
+    int8 = job.int8
+    calibration = int8.calibration  # fails before the slow export when there are no images
     fp32 = path.with_name(f".{path.name}.fp32.onnx")
     try:
         onnx_export.export(job.model, job.card, fp32, opset=o.opset, dynamic=o.dynamic,
                            batch_size=o.batch_size, precision="fp32")
-        return quantize.quantize(fp32, job.card, path, job.int8.dataset, calib_size=job.int8.size,
-                                 method=job.int8.method, activations=job.int8.activations)
+        return quantize.quantize_selected(fp32, job.card, path, calibration, method=int8.method,
+                                          activations=int8.activations, seed=int8.seed)
     finally:
         fp32.unlink(missing_ok=True)
 
@@ -316,20 +327,11 @@ def default_output(checkpoint: str | Path, fmt: str, precision: str = "fp32") ->
     return checkpoint.with_name(checkpoint.stem + format_spec(fmt).suffix(precision))
 
 
-def aside_path(output: Path) -> Path:
-    """model.int8.onnx -> model.int8.failed-verify.onnx; model_repo -> model_repo.failed-verify."""
-    if output.suffix and not output.is_dir():
-        return output.with_name(f"{output.stem}.{FAILED_TAG}{output.suffix}")
-    return output.with_name(f"{output.name}.{FAILED_TAG}")
-
-
 # --- where the output goes --------------------------------------------------------------------
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
+def aside_path(output: Path) -> Path:
+    """model.int8.onnx -> model.int8.failed-verify.onnx; model_repo -> model_repo.failed-verify."""
+    return fileio.aside_path(output, FAILED_TAG)
 
 
 def resolve_output(checkpoint: Path, spec: FormatSpec, output: str | Path | None, precision: str) -> Path:
@@ -348,26 +350,62 @@ def resolve_output(checkpoint: Path, spec: FormatSpec, output: str | Path | None
         if destination.is_dir():
             raise UsageError(f"{destination} is a folder; name a file, or a folder to put "
                              f"{checkpoint.stem}{spec.suffix(precision)} in")
-        if _same_file(destination, checkpoint):
-            raise UsageError(f"the output {destination} is the input checkpoint; choose another -o")
+        fileio.check_not_input(destination, checkpoint)
     elif destination.exists() and not destination.is_dir():
         raise UsageError(f"{destination} is a file; --format needs a folder (a model repository) there")
     return destination
 
 
-def _check_not_input(target: Path, checkpoint: Path) -> None:
-    """Publishing to `target` must not replace or delete the checkpoint (itself, or a folder holding it)."""
-    if _same_file(target, checkpoint):
-        raise UsageError(f"the output {target} is the input checkpoint; choose another -o")
-    if target.is_dir() and not target.is_symlink():
-        try:
-            checkpoint.resolve().relative_to(target.resolve())
-        except ValueError:
-            return
-        raise UsageError(f"the output {target} holds the input checkpoint {checkpoint}; choose another -o")
+# --- the settings every export shares ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What every export takes besides its format's own options. `run_export(**flat)` fills it by field
+    name (the CLI's flag names), or takes a ready one as `settings=`."""
+
+    precision: str = "fp32"
+    device: str = "cpu"
+    arch: str | None = None
+    allow_pickle: bool = False
+    data_dir: str | Path | None = None  # where dataset names below are read from
+    # how the ONNX graph is traced
+    opset: int | None = None  # default: OnnxOptions.opset; INT8_OPSET for int8
+    batch_size: int = 1
+    dynamic: bool = True
+    # int8 calibration
+    calib_dataset: str | Dataset | None = None
+    calib_size: int = 512
+    calib_method: str = "minmax"
+    # verification
+    do_verify: bool = True
+    verify_dataset: str | Dataset | None = None  # default: calib_dataset's test split, else the sample
+    verify_samples: int = 512
+    tolerances: Tolerances | None = None
+
+    def onnx_options(self) -> OnnxOptions:
+        opset = self.opset if self.opset is not None else INT8_OPSET if self.precision == "int8" else None
+        return OnnxOptions(batch_size=self.batch_size, dynamic=self.dynamic,
+                           **({"opset": opset} if opset is not None else {}))
 
 
-# --- orchestration ----------------------------------------------------------------------------
+SETTING_NAMES = frozenset(f.name for f in fields(ExportSettings))
+
+
+@dataclass
+class ExportPlan:
+    """Phase 1's answer (`resolve`): every input checked and every dataset found before a byte is written."""
+
+    checkpoint: Path
+    format: str
+    spec: FormatSpec
+    settings: ExportSettings
+    destination: Path  # the file, or for model-folder formats the repository
+    onnx: OnnxOptions
+    int8: Int8Options
+    options: tuple[Any, ...]  # the format's own option instances
+    checks: Dataset | None  # the verification images before calibration's are held out
+    card_flags: Mapping[str, Any] | None = None
+
 
 def _dataset(name: str | Dataset | None, data_dir: str | Path | None, split: str) -> Dataset | None:
     if name is None or isinstance(name, Dataset):
@@ -380,157 +418,136 @@ def _dataset(name: str | Dataset | None, data_dir: str | Path | None, split: str
         raise
 
 
-def _remove(path: Path) -> None:
-    import shutil
-
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _publish_entry(entry: Path, target: Path) -> None:
-    if entry.is_dir() and not entry.is_symlink():
-        if target.exists() and not target.is_dir():
-            raise ExportError(f"{target} is a file; refusing to replace it with a folder")
-        swap_in(entry, target)
-    else:
-        if target.is_dir() and not target.is_symlink():
-            raise ExportError(f"{target} is a folder; refusing to replace it with a file")
-        os.replace(entry, target)
-
-
-def _publish(staging: Path, artifact: Path, checkpoint: Path, passed: bool) -> Path:
-    """Move what the writer staged into place (companions first, the artifact last), or aside."""
-    entries = sorted(staging.iterdir(), key=lambda p: p.name == artifact.name)
-    for entry in entries:
-        _check_not_input(artifact.parent / entry.name, checkpoint)
-    if passed:
-        for entry in entries:
-            _publish_entry(entry, artifact.parent / entry.name)
-        return artifact
-    if len(entries) == 1 and entries[0].name == artifact.name:
-        aside = aside_path(artifact)
-        _check_not_input(aside, checkpoint)
-        _publish_entry(entries[0], aside)
-        return aside
-    # several files that name each other: keep them together in one folder
-    aside = artifact.with_name(f"{artifact.name}.{FAILED_TAG}")
-    _check_not_input(aside, checkpoint)
-    if os.path.lexists(aside):
-        _remove(aside)
-    os.replace(staging, aside)
-    return aside / artifact.name
-
-
-def _publish_model_folder(staging: Path, artifact: Path, repository: Path, checkpoint: Path,
-                          passed: bool) -> Path:
-    """A model folder goes into the repository by one exchange; a failed one to a sibling repository."""
-    _check_not_input(artifact, checkpoint)
-    built = staging / artifact.name
-    if passed:
-        _publish_entry(built, artifact)
-        return artifact
-    aside_repository = repository.with_name(f"{repository.resolve().name}.{FAILED_TAG}")
-    aside = aside_repository / artifact.name
-    _check_not_input(aside, checkpoint)
-    aside_repository.mkdir(exist_ok=True)
-    _publish_entry(built, aside)
-    return aside
-
-
-def run_export(checkpoint: str | Path, fmt: str, output: str | Path | None = None, *, precision: str = "fp32",
-               opset: int | None = None, batch_size: int = 1, dynamic: bool = True,
-               calib_dataset: str | Dataset | None = None, data_dir: str | Path | None = None,
-               calib_size: int = 512, calib_method: str = "minmax",
-               verify_dataset: str | Dataset | None = None,
-               do_verify: bool = True, tolerances: Tolerances | None = None, verify_samples: int = 512,
-               device: str = "cpu", arch: str | None = None, allow_pickle: bool = False,
-               options: Iterable[Any] = (), **extras: Any) -> ExportResult:
-    """Export `checkpoint` to `fmt` and verify it. A failed check returns `ok=False` with the artifact
-    aside (`.check()` raises VerificationError; the CLI exits 1); bad input raises a ToolkitError
-    before anything is written.
-
-    Format-specific settings come as option dataclasses (`options=[TritonOptions(name="x")]`) or as
-    their field names (`name="x", max_batch=16`, as the CLI passes them).
-    """
-    import shutil
-    import time
-
-    from toolkit.checkpoint import load_checkpoint
-    from toolkit.runtime.registry import detect_format
-    from toolkit.runtime.torch_runner import TorchRunner, build_from_checkpoint
-
-    started = time.perf_counter()
-    spec = format_spec(fmt)
+def _check_precision(fmt: str, spec: FormatSpec, settings: ExportSettings) -> None:
+    precision = settings.precision
     if precision not in EXPORT_PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(EXPORT_PRECISIONS)}")
     if precision not in spec.precisions:
         raise UsageError(f"--format {fmt} supports precision {', '.join(spec.precisions)}, not {precision}")
-    if precision == "int8" and calib_dataset is None:
+    if precision == "int8" and settings.calib_dataset is None:
         raise UsageError("--precision int8 needs calibration images: add --calib-dataset "
                          "sample|cifar10|cifar100|folder (with --data-dir)")
-    typed = parse_options(fmt, spec.options, extras, options)
-    if opset is None:  # int8: DequantizeLinear needs opset 19 in onnx's ReferenceEvaluator
-        opset = INT8_OPSET if precision == "int8" else OnnxOptions.opset
-    onnx_options = OnnxOptions(opset=opset, dynamic=dynamic, batch_size=batch_size)
-    int8 = Int8Options(size=calib_size, method=calib_method)
+
+
+def resolve(checkpoint: str | Path, fmt: str, output: str | Path | None = None, *,
+            settings: ExportSettings | None = None, options: Iterable[Any] = (),
+            card_flags: Mapping[str, Any] | None = None, **flat: Any) -> ExportPlan:
+    """Phase 1: check every setting, find the checkpoint, the destination and the images (calibration's
+    and verification's); a ToolkitError here means nothing was written."""
+    from toolkit.runtime.registry import require_checkpoint
+
+    spec = format_spec(fmt)
+    chosen = replace(settings or ExportSettings(), **{k: v for k, v in flat.items() if k in SETTING_NAMES})
+    _check_precision(fmt, spec, chosen)
+    format_flat = {k: v for k, v in flat.items() if k not in SETTING_NAMES}
+    typed = parse_options(fmt, spec.options, format_flat, options)
+    onnx_options = chosen.onnx_options()
+    int8 = Int8Options(size=chosen.calib_size, method=chosen.calib_method)  # checked before any data is read
     if spec.uses_onnx:
         from .onnx import check_opset
 
-        check_opset(opset)
-    if detect_format(checkpoint) != "checkpoint":
-        raise UsageError(f"{checkpoint} is already an exported {detect_format(checkpoint)} artifact; "
-                         "export needs the training checkpoint (.pt .pth .ckpt .safetensors)")
-    checkpoint = Path(checkpoint)
-    destination = resolve_output(checkpoint, spec, output, precision)
-    staging: Path | None = None
-    if spec.model_folder is None:
-        _check_not_input(destination, checkpoint)
-        staging = staging_dir(destination, STAGING_KIND)  # unwritable places fail here, before slow work
+        check_opset(onnx_options.opset)
+    path = require_checkpoint(checkpoint, doing="export")
+    destination = resolve_output(path, spec, output, chosen.precision)
+    if chosen.precision == "int8":
+        int8 = replace(int8, dataset=_dataset(chosen.calib_dataset, chosen.data_dir, "train"))
+    source = chosen.verify_dataset if chosen.verify_dataset is not None else chosen.calib_dataset
+    checks = _dataset(source, chosen.data_dir, "test") if chosen.do_verify else None
+    if checks is not None and chosen.precision == "int8":  # none left to verify on: say so before the work
+        without_calibration(checks, int8.calibration.ids())
+    return ExportPlan(checkpoint=path, format=fmt, spec=spec, settings=chosen, destination=destination,
+                      onnx=onnx_options, int8=int8, options=typed, checks=checks, card_flags=card_flags)
+
+
+# --- build, verify, publish ---------------------------------------------------------------------
+
+def build(plan: ExportPlan) -> ExportJob:
+    """Phase 2: the eager model and its card from the checkpoint (the card flags merged in), as a job."""
+    from toolkit.checkpoint import load_checkpoint
+    from toolkit.runtime.torch_runner import build_from_checkpoint
+
+    s = plan.settings
+    ckpt = load_checkpoint(plan.checkpoint, allow_pickle=s.allow_pickle)
+    flags = dict(plan.card_flags) if plan.card_flags else None
+    model, card, _ = build_from_checkpoint(ckpt, arch=s.arch, card_flags=flags)
+    job = ExportJob(checkpoint=plan.checkpoint, model=model, card=card, output=plan.destination,
+                    precision=s.precision, device=s.device, onnx=plan.onnx, int8=plan.int8,
+                    options=plan.options)
+    if plan.spec.model_folder is not None:
+        job.output = plan.destination / plan.spec.model_folder(job)
+    return job
+
+
+def verify_artifact(plan: ExportPlan, job: ExportJob, written: Path) -> VerifyReport | None:
+    """Phase 3: the artifact against the eager model, on images calibration never saw (None: --no-verify)."""
+    if not plan.settings.do_verify:
+        return None
+    from toolkit.runtime.torch_runner import TorchRunner
+
+    reference = TorchRunner(job.model, job.card, source=str(plan.checkpoint), device="cpu")
+    calibrated_on = job.int8.calibration.ids() if job.precision == "int8" else ()
+    with plan.spec.open(written, job) as runner:
+        return verify(runner, reference, plan.checks, job.precision, plan.settings.tolerances,
+                      limit=plan.settings.verify_samples, exclude=calibrated_on)
+
+
+def publish(plan: ExportPlan, staging: Path, artifact: Path, passed: bool) -> Path:
+    """Phase 4: the staged artifact into place, or aside when it failed verification (toolkit/fileio.py)."""
+    if plan.spec.model_folder is not None:
+        return fileio.publish_model_folder(staging, artifact, plan.destination, plan.checkpoint,
+                                           passed=passed, aside_tag=FAILED_TAG)
+    return fileio.publish_staged(staging, artifact, plan.checkpoint, passed=passed, aside_tag=FAILED_TAG)
+
+
+def _model_folder_staging(plan: ExportPlan, artifact: Path) -> Path:
+    """A model folder's staging, once its name is known; a swap killed between its renames is undone first."""
+    fileio.check_not_input(artifact, plan.checkpoint)
     try:
-        ckpt = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
-        model, card, _ = build_from_checkpoint(ckpt, arch=arch)
-        if precision == "int8":
-            int8 = Int8Options(dataset=_dataset(calib_dataset, data_dir, "train"), size=int8.size,
-                               method=int8.method)
-        job = ExportJob(checkpoint=checkpoint, model=model, card=card, output=destination,
-                        precision=precision, device=device, onnx=onnx_options, int8=int8, options=typed)
-        if spec.model_folder is not None:
-            job.output = artifact = destination / spec.model_folder(job)
-            _check_not_input(artifact, checkpoint)
-            try:
-                recover(artifact)  # a swap killed between its renames: put the old model back first
-            except OSError as exc:
-                raise os_error(exc, destination) from None
-            staging = staging_dir(artifact, STAGING_KIND)
-        else:
-            artifact = destination
-        assert staging is not None
+        fileio.recover(artifact)
+    except OSError as exc:
+        raise fileio.os_error(exc, plan.destination) from None
+    return fileio.staging_dir(artifact, STAGING_KIND)
+
+
+def run_export(checkpoint: str | Path, fmt: str, output: str | Path | None = None, *,
+               settings: ExportSettings | None = None, options: Iterable[Any] = (),
+               card_flags: Mapping[str, Any] | None = None, **flat: Any) -> ExportResult:
+    """Export `checkpoint` to `fmt` and verify it: resolve -> build -> verify -> publish.
+
+    A failed check returns `ok=False` with the artifact aside (`.check()` raises VerificationError; the
+    CLI exits 1); bad input raises a ToolkitError before anything is written. `flat` keywords are
+    `ExportSettings` fields (`precision="int8", calib_dataset="sample"`) or the format's own options
+    (`name="x", max_batch=16`, as the CLI passes them); `options` takes ready option instances
+    (`[TritonOptions(name="x")]`). `card_flags` override card fields of the checkpoint (flag > card >
+    preset), so the artifact carries the merged card.
+    """
+    import shutil
+    import time
+
+    started = time.perf_counter()
+    plan = resolve(checkpoint, fmt, output, settings=settings, options=options, card_flags=card_flags, **flat)
+    staging: Path | None = None
+    try:
+        if plan.spec.model_folder is None:  # unwritable places fail here, before the slow work
+            staging = fileio.staging_dir(plan.destination, STAGING_KIND)
+        job = build(plan)
+        if staging is None:
+            staging = _model_folder_staging(plan, job.output)
         try:
-            written = spec.write(job, staging / artifact.name)
-            report = None
-            if do_verify:
-                source = verify_dataset if verify_dataset is not None else calib_dataset
-                checks = _dataset(source, data_dir, "test")
-                reference = TorchRunner(model, card, source=str(checkpoint), device="cpu")
-                with spec.open(written, job) as runner:
-                    report = verify(runner, reference, checks, precision, tolerances, limit=verify_samples)
-            passed = report is None or report.passed
-            if spec.model_folder is not None:
-                final = _publish_model_folder(staging, artifact, destination, checkpoint, passed)
-            else:
-                final = _publish(staging, artifact, checkpoint, passed)
+            written = plan.spec.write(job, staging / job.output.name)
+            report = verify_artifact(plan, job, written)
+            final = publish(plan, staging, job.output, passed=report is None or report.passed)
         except NoSpaceError:  # raised about the private staging folder: name the place the user chose
-            raise NoSpaceError(f"no space left on {artifact.parent}") from None
+            raise NoSpaceError(f"no space left on {job.output.parent}") from None
         except OSError as exc:
-            raise os_error(exc, artifact.parent) from None
+            raise fileio.os_error(exc, job.output.parent) from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-    return ExportResult(format=fmt, precision=precision, path=final, card=card,
+    return ExportResult(format=fmt, precision=plan.settings.precision, path=final, card=job.card,
                         seconds=time.perf_counter() - started, verify=report)
 
 
-__all__ = ["COMPANION_SUFFIXES", "ExportJob", "ExportResult", "FormatSpec", "Int8Options", "OnnxOptions",
-           "TensorRTOptions", "build_onnx", "default_output", "format_spec", "run_export"]
+__all__ = ["COMPANION_SUFFIXES", "ExportJob", "ExportPlan", "ExportResult", "ExportSettings", "FormatSpec",
+           "Int8Options", "OnnxOptions", "TensorRTOptions", "build", "build_onnx", "default_output",
+           "format_spec", "publish", "resolve", "run_export", "verify_artifact"]

@@ -22,7 +22,7 @@ import numpy as np
 
 from toolkit.artifacts import onnx_facts, onnx_header
 from toolkit.card import ModelCard
-from toolkit.data import Dataset
+from toolkit.data import Dataset, balanced_indices
 from toolkit.errors import ExportError, UsageError, first_line
 from toolkit.names import CALIB_METHODS
 
@@ -33,29 +33,19 @@ ACTIVATION_TYPES = ("u8", "s8")
 
 
 def select_calibration(dataset: Dataset, size: int = DEFAULT_CALIB_SIZE, seed: int = 0) -> Dataset:
-    """`size` images, as even across classes as the data allows, chosen by a seeded generator."""
+    """`size` images, as even across classes as the data allows, chosen by a seeded generator
+    (`toolkit.data.balanced_indices`, as `--limit` draws); unlabelled data is drawn uniformly.
+
+    The images keep their source ids (`Dataset.ids`), so verification can prove it never sees them."""
     if size < 1:
         raise UsageError(f"--calib-size must be positive, got {size}")
     if len(dataset) == 0:
         raise UsageError(f"calibration dataset {dataset.name} is empty")
-    rng = np.random.default_rng(seed)
     if dataset.labels is None:
-        chosen = rng.permutation(len(dataset))[:size]
-    else:  # round-robin over per-class shuffled queues: balanced until a class runs out
-        queues = [list(rng.permutation(np.flatnonzero(dataset.labels == c)))
-                  for c in np.unique(dataset.labels)]
-        chosen_list: list[int] = []
-        while len(chosen_list) < min(size, len(dataset)):
-            for queue in queues:
-                if queue and len(chosen_list) < size:
-                    chosen_list.append(int(queue.pop()))
-        chosen = np.sort(np.asarray(chosen_list))
-    return Dataset(
-        name=f"{dataset.name}-calib{len(chosen)}", class_names=dataset.class_names,
-        labels=None if dataset.labels is None else dataset.labels[chosen],
-        images=None if dataset.images is None else dataset.images[chosen],
-        paths=[dataset.paths[i] for i in chosen] if dataset.paths else [],
-    )
+        chosen = np.random.default_rng(seed).permutation(len(dataset))[:size]
+    else:
+        chosen = balanced_indices(dataset.labels, size, seed)
+    return dataset.take(chosen, f"{len(chosen)} of {len(dataset)} images for calibration (seed {seed})")
 
 
 def calibration_batch_size(card: ModelCard) -> int:
@@ -86,9 +76,7 @@ def _reader(calib: Dataset, card: ModelCard, input_name: str) -> Any:
                 return None
             start = self.position * size
             self.position += 1
-            part = Dataset(calib.name, calib.class_names, None,
-                           None if calib.images is None else calib.images[start:start + size],
-                           calib.paths[start:start + size])
+            part = calib.take(np.arange(start, min(start + size, len(calib))))
             return {input_name: next(part.batches(card, size))}
 
     return Reader()
@@ -97,22 +85,35 @@ def _reader(calib: Dataset, card: ModelCard, input_name: str) -> Any:
 def quantize(fp32_onnx: str | Path, card: ModelCard, output: str | Path, dataset: Dataset | None, *,
              calib_size: int = DEFAULT_CALIB_SIZE, method: str = "minmax", seed: int = 0,
              activations: str = "u8") -> Path:
-    """Q/DQ int8 copy of an fp32 ONNX file at `output` (atomic), calibrated on `dataset`."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
+    """Q/DQ int8 copy of an fp32 ONNX file at `output` (atomic), calibrated on `calib_size` images of
+    `dataset` (`select_calibration`)."""
     if dataset is None:
         raise UsageError("int8 needs calibration images: pass --calib-dataset (cifar10, cifar100, folder "
                          "with --data-dir, or sample)")
+    _check(method, activations)
+    return quantize_selected(fp32_onnx, card, output, select_calibration(dataset, calib_size, seed),
+                             method=method, activations=activations, seed=seed)
+
+
+def _check(method: str, activations: str) -> None:
     if method not in CALIB_METHODS:
         raise UsageError(f"unknown calibration method {method!r}; "
                          f"choose one of {', '.join(CALIB_METHODS)}")
     if activations not in ACTIVATION_TYPES:
         raise UsageError(f"activations must be one of {', '.join(ACTIVATION_TYPES)}, got {activations!r}")
+
+
+def quantize_selected(fp32_onnx: str | Path, card: ModelCard, output: str | Path, calibration: Dataset, *,
+                      method: str = "minmax", activations: str = "u8", seed: int = 0) -> Path:
+    """`quantize` on images already chosen (`select_calibration`; `seed` is recorded in the facts): the
+    export pipeline draws them once, so verification can hold out exactly these."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    _check(method, activations)
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     act_types = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
-    calib = select_calibration(dataset, calib_size, seed)
     work = Path(tempfile.mkdtemp(prefix="toolkit-quant-"))
     try:
         prepared = work / "prepared.onnx"
@@ -124,7 +125,7 @@ def quantize(fp32_onnx: str | Path, card: ModelCard, output: str | Path, dataset
                 shutil.copyfile(fp32_onnx, prepared)
             try:
                 quantize_static(
-                    str(prepared), str(quantized), _reader(calib, card, _input_name(prepared)),
+                    str(prepared), str(quantized), _reader(calibration, card, _input_name(prepared)),
                     quant_format=QuantFormat.QDQ, per_channel=True, activation_type=act_types[activations],
                     weight_type=QuantType.QInt8, calibrate_method=methods[method],
                     extra_options={"ActivationSymmetric": activations == "s8", "WeightSymmetric": True,
@@ -136,10 +137,10 @@ def quantize(fp32_onnx: str | Path, card: ModelCard, output: str | Path, dataset
 
         source = onnx_facts(onnx_header(fp32_onnx), Path(fp32_onnx))
         proto = onnx.load(str(quantized))
-        calibration = (f"{calib.name}; method={method}; activations={activations}; "
-                       f"weights=s8 per-channel; seed={seed}")
+        record = (f"{calibration.name}-calib{len(calibration)}; method={method}; activations={activations}; "
+                  f"weights=s8 per-channel; seed={seed}")
         exporter = f"{source.exporter or 'onnx'} + onnxruntime.quantization (Q/DQ)"
-        facts = onnx_export.facts_of(proto, "int8", exporter=exporter, calibration=calibration)
+        facts = onnx_export.facts_of(proto, "int8", exporter=exporter, calibration=record)
         return onnx_export.save(proto, card, output, facts)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -16,6 +16,7 @@ glued in front of it, so trtexec, Polygraphy and Triton load it as is.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from toolkit.runtime.tensorrt_runner import TensorRTEnvironment, tensorrt_enviro
 from .pipeline import ExportJob, FormatSpec, TensorRTOptions, build_onnx
 
 ENGINE_SUFFIXES = (".engine", ".plan")
+DEFAULT_MAX_BATCH = 32  # an engine profile's (and a Triton model's) largest batch: see default_max_batch
 
 
 def _dtype_name(trt: Any, dtype: Any) -> str:
@@ -37,21 +39,6 @@ def _dtype_name(trt: Any, dtype: Any) -> str:
     import numpy as np
 
     return np.dtype(trt.nptype(dtype)).name
-
-
-def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
-    if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise UsageError(f"the optimisation profile needs 1 <= min <= opt <= max batch, got "
-                         f"min={min_batch} opt={opt_batch} max={max_batch}")
-
-
-def _build_config(env: TensorRTEnvironment, builder: Any, workspace_gb: float, tf32: bool) -> Any:
-    trt = env.trt
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)
-    return config
 
 
 def _parse(env: TensorRTEnvironment, builder: Any, onnx_path: Path) -> tuple[Any, Any]:
@@ -79,6 +66,21 @@ def _load_timing_cache(env: TensorRTEnvironment, config: Any, timing_cache: Path
     return cache
 
 
+@dataclass(frozen=True)
+class Profile:
+    """The optimisation profile's batch sizes (one input, NCHW)."""
+
+    min: int
+    opt: int
+    max: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"min": self.min, "opt": self.opt, "max": self.max}
+
+    def __str__(self) -> str:
+        return f"min={self.min} opt={self.opt} max={self.max}"
+
+
 def export(
     onnx_path: str | Path,
     output: str | Path,
@@ -86,7 +88,7 @@ def export(
     *,
     min_batch: int = 1,
     opt_batch: int | None = None,
-    max_batch: int = 32,
+    max_batch: int = DEFAULT_MAX_BATCH,
     workspace_gb: float = 4.0,
     timing_cache: str | Path | None = None,
     precision: str | None = None,
@@ -97,10 +99,48 @@ def export(
 
     `precision` names the ONNX's precision for the facts (default: the ONNX's own facts). A static-batch
     ONNX gets a profile fixed at its batch size. `timing_cache` is read if present and saved after.
+    Phases: check the request -> parse the network -> fix the profile -> build -> write engine and sidecars.
     """
     onnx_path, output = Path(onnx_path), Path(output)
-    opt_batch = max_batch if opt_batch is None else opt_batch
-    _check_batches(min_batch, opt_batch, max_batch)
+    profile = Profile(min_batch, max_batch if opt_batch is None else opt_batch, max_batch)
+    _check_request(onnx_path, output, profile, workspace_gb, precision)
+    source = onnx_facts(onnx_header(onnx_path), onnx_path)
+    env = tensorrt_environment(device, purpose="TensorRT export")
+    builder = env.trt.Builder(trt_logger(env.trt))
+    if builder is None:
+        raise ExportError("TensorRT could not create a builder (is the CUDA driver working?)")
+    network, _parser = _parse(env, builder, onnx_path)  # the parser owns weights the network points at
+    inp, out = _single_io(network, card, onnx_path)
+    if inp.shape[0] > 0:  # static batch: the profile can only be that batch
+        fixed = int(inp.shape[0])
+        profile = Profile(fixed, fixed, fixed)
+    config = _build_config(env, builder, inp.name, card, profile, workspace_gb=workspace_gb, tf32=tf32)
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    _load_timing_cache(env, config, cache_path)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT {env.version} could not build an engine from {onnx_path.name} "
+                          "(see the TensorRT messages above; a larger --workspace may help)")
+    facts = ArtifactFacts(
+        "tensorrt", precision=precision or source.precision, **env.facts(),
+        inputs=(TensorFacts(inp.name, tuple(inp.shape), _dtype_name(env.trt, inp.dtype)),),
+        outputs=(TensorFacts(out.name, tuple(out.shape), _dtype_name(env.trt, out.dtype)),),
+        opset=source.opset, exporter=f"tensorrt {env.version} from {source.exporter or 'onnx'}",
+        calibration=source.calibration, profile=profile.to_dict(),
+        extra={"strongly_typed": True, "tf32": tf32, "workspace_gb": workspace_gb,
+               "source_onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest()},
+    )
+    _write_engine_file(output, serialized, card, facts)
+    if cache_path is not None:
+        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    return output
+
+
+def _check_request(onnx_path: Path, output: Path, profile: Profile, workspace_gb: float,
+                   precision: str | None) -> None:
+    """Everything that can be refused before TensorRT is imported."""
+    if not 1 <= profile.min <= profile.opt <= profile.max:
+        raise UsageError(f"the optimisation profile needs 1 <= min <= opt <= max batch, got {profile}")
     if workspace_gb <= 0:
         raise UsageError(f"workspace must be positive, got {workspace_gb} GB")
     if output.suffix.lower() not in ENGINE_SUFFIXES:
@@ -109,15 +149,10 @@ def export(
         raise ModelFormatError(f"ONNX file not found: {onnx_path}")
     if precision is not None and precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    source = onnx_facts(onnx_header(onnx_path), onnx_path)
-    precision = precision or source.precision
-    env = tensorrt_environment(device, purpose="TensorRT export")
-    trt = env.trt
 
-    builder = trt.Builder(trt_logger(trt))
-    if builder is None:
-        raise ExportError("TensorRT could not create a builder (is the CUDA driver working?)")
-    network, _parser = _parse(env, builder, onnx_path)
+
+def _single_io(network: Any, card: ModelCard, onnx_path: Path) -> tuple[Any, Any]:
+    """The network's one input (N, *card.input_size) and one output."""
     if network.num_inputs != 1 or network.num_outputs != 1:
         raise ExportError(f"{onnx_path.name}: expected one input and one output, found "
                           f"{network.num_inputs} and {network.num_outputs}")
@@ -126,42 +161,40 @@ def export(
     if len(in_shape) != 4 or in_shape[1:] != tuple(card.input_size):
         raise ExportError(f"{onnx_path.name}: input {inp.name} is {in_shape}, the card says (N, "
                           f"{', '.join(map(str, card.input_size))})")
-    if in_shape[0] > 0:  # static batch: the profile can only be that batch
-        min_batch = opt_batch = max_batch = int(in_shape[0])
-    profile = builder.create_optimization_profile()
+    return inp, out
+
+
+def _build_config(env: TensorRTEnvironment, builder: Any, input_name: str, card: ModelCard, profile: Profile,
+                  *, workspace_gb: float, tf32: bool) -> Any:
+    """Builder config: workspace, TF32 off unless asked (so fp32 engines agree with PyTorch), the profile."""
+    trt = env.trt
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    shapes = builder.create_optimization_profile()
     chw = tuple(card.input_size)
-    profile.set_shape(inp.name, (min_batch, *chw), (opt_batch, *chw), (max_batch, *chw))
+    shapes.set_shape(input_name, (profile.min, *chw), (profile.opt, *chw), (profile.max, *chw))
+    if config.add_optimization_profile(shapes) < 0:
+        raise ExportError(f"TensorRT rejected the profile {profile}")
+    return config
 
-    config = _build_config(env, builder, workspace_gb, tf32)
-    if config.add_optimization_profile(profile) < 0:
-        raise ExportError(f"TensorRT rejected the profile min={min_batch} opt={opt_batch} max={max_batch}")
-    cache_path = Path(timing_cache) if timing_cache is not None else None
-    _load_timing_cache(env, config, cache_path)
 
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ExportError(f"TensorRT {env.version} could not build an engine from {onnx_path.name} "
-                          "(see the TensorRT messages above; a larger --workspace may help)")
-    facts = ArtifactFacts(
-        "tensorrt", precision=precision, **env.facts(),
-        inputs=(TensorFacts(inp.name, tuple(in_shape), _dtype_name(trt, inp.dtype)),),
-        outputs=(TensorFacts(out.name, tuple(out.shape), _dtype_name(trt, out.dtype)),),
-        opset=source.opset, exporter=f"tensorrt {env.version} from {source.exporter or 'onnx'}",
-        calibration=source.calibration, profile={"min": min_batch, "opt": opt_batch, "max": max_batch},
-        extra={"strongly_typed": True, "tf32": tf32, "workspace_gb": workspace_gb,
-               "source_onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest()},
-    )
+def _write_engine_file(output: Path, serialized: Any, card: ModelCard, facts: ArtifactFacts) -> None:
+    """The engine, atomically; card and facts first, so the engine appears only with them."""
     try:
         with atomic_path(output) as tmp:
             tmp.write_bytes(memoryview(serialized))
-            # card and facts first: the engine appears only with them
             card.save(sidecar_path(output))
             facts.save(facts_path(output))
     except OSError as exc:
         raise ExportError(f"cannot write {output}: {exc.strerror or first_line(exc)}") from None
-    if cache_path is not None:
-        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-    return output
+
+
+def default_max_batch(batch_size: int) -> int:
+    """The largest batch an engine profile or a Triton model takes unless told: 32, or --batch-size
+    when that is larger (so the batch the export was checked at always fits)."""
+    return max(DEFAULT_MAX_BATCH, batch_size)
 
 
 # --- `toolkit export --format tensorrt`: the pipeline's format entry ---------------------------
@@ -174,8 +207,8 @@ def engine_options(job: ExportJob) -> dict[str, Any]:
     """
     options = job.option(TensorRTOptions)
     return {"min_batch": options.min_batch, "opt_batch": options.opt_batch,
-            "max_batch": options.max_batch or max(32, job.batch_size), "workspace_gb": options.workspace_gb,
-            "timing_cache": options.timing_cache, "tf32": options.tf32}
+            "max_batch": options.max_batch or default_max_batch(job.batch_size),
+            "workspace_gb": options.workspace_gb, "timing_cache": options.timing_cache, "tf32": options.tf32}
 
 
 def write_engine(job: ExportJob, path: Path) -> Path:

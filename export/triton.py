@@ -24,14 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import triton_config
-from toolkit.artifacts import (
-    ONNX_CARD_KEY,
-    ArtifactFacts,
-    TensorFacts,
-    facts_path,
-    onnx_header,
-    read_artifact,
-)
+from toolkit.artifacts import ONNX_CARD_KEY, ArtifactFacts, TensorFacts, facts_path, onnx_header, read_engine
 from toolkit.card import ModelCard, sidecar_path
 from toolkit.errors import ExportError, ModelFormatError, UsageError
 from toolkit.fileio import atomic_directory, companions
@@ -40,6 +33,7 @@ from toolkit.runtime.base import Runner
 from toolkit.runtime.registry import FORMATS as ARTIFACT_FORMATS
 
 from .pipeline import ExportJob, FormatSpec, TensorRTOptions, build_onnx
+from .tensorrt import DEFAULT_MAX_BATCH, default_max_batch
 
 KINDS = ("KIND_CPU", "KIND_GPU")
 MODEL_FORMATS = ("onnx", "tensorrt")  # what a pipeline-built model folder serves
@@ -148,13 +142,25 @@ def _external_data_files(path: Path) -> list[str]:
     return sorted(names)  # locations relative to the ONNX file, as the model names them
 
 
+@dataclass(frozen=True)
+class _Served:
+    """What goes into a model folder, read from the model file: I/O, the card and what travels along."""
+
+    inp: dict[str, Any]
+    out: dict[str, Any]
+    card: ModelCard  # for labels.txt and the config's card parameter
+    sidecar_card: ModelCard | None  # written beside the model file when the file carries none
+    facts: ArtifactFacts | None  # an engine's facts (TensorRT version, GPU, profile) travel with it
+    extra_files: tuple[str, ...] = ()  # an ONNX file's external weights, relative to it
+
+
 def export(
     model_file: str | Path,
     repository: str | Path,
     card: ModelCard,
     *,
     name: str | None = None,
-    max_batch_size: int = 32,
+    max_batch_size: int = DEFAULT_MAX_BATCH,
     dynamic_batching: bool = True,
     preferred_batch_sizes: Sequence[int] | None = None,
     max_queue_delay_us: int = 500,
@@ -166,19 +172,41 @@ def export(
 
     `card` is used when the model file carries none (an ONNX file's embedded card, an engine's sidecar
     win, being what open_model reads). `kind` defaults to KIND_GPU for engines and KIND_CPU for ONNX.
+    Phases: check the request -> read the model file -> write config, labels and model, swapped in whole.
     Returns the model directory.
     """
     model_file, repository = Path(model_file), Path(repository)
+    platform, file_name = _platform(model_file)
+    is_engine = platform == "tensorrt_plan"
+    kind = kind or ("KIND_GPU" if is_engine else "KIND_CPU")
+    name = model_name(name, card)
+    _check_settings(is_engine=is_engine, kind=kind, max_batch_size=max_batch_size,
+                    preferred_batch_sizes=preferred_batch_sizes, max_queue_delay_us=max_queue_delay_us,
+                    instance_count=instance_count, version=version)
+    served = _read_engine(model_file, max_batch_size) if is_engine else _read_onnx(model_file, card)
+    config = config_text(name=name, platform=platform, max_batch_size=max_batch_size, inp=served.inp,
+                         out=served.out, dynamic_batching=dynamic_batching,
+                         preferred_batch_sizes=preferred_batch_sizes, max_queue_delay_us=max_queue_delay_us,
+                         instance_count=instance_count, kind=kind, card=served.card)
+    _write_model_folder(repository / name, version, model_file, file_name, config, served)
+    return repository / name
+
+
+def _platform(model_file: Path) -> tuple[str, str]:
+    """(Triton platform, model file name in the version folder), from the suffix."""
     suffix = model_file.suffix.lower()
     if suffix not in PLATFORMS:
         raise UsageError(f"{model_file}: Triton export takes an ONNX file or a TensorRT engine "
                          "(.engine/.plan)")
     if not model_file.is_file():
         raise ModelFormatError(f"model file not found: {model_file}")
-    platform, file_name = PLATFORMS[suffix]
-    is_engine = platform == "tensorrt_plan"
-    kind = kind or ("KIND_GPU" if is_engine else "KIND_CPU")
-    name = model_name(name, card)
+    return PLATFORMS[suffix]
+
+
+def _check_settings(*, is_engine: bool, kind: str, max_batch_size: int,
+                    preferred_batch_sizes: Sequence[int] | None, max_queue_delay_us: int, instance_count: int,
+                    version: int) -> None:
+    """Every problem with the config's settings at once, in one UsageError."""
     problems = []
     if kind not in KINDS:
         problems.append(f"kind must be one of {', '.join(KINDS)}")
@@ -197,46 +225,56 @@ def export(
     if problems:
         raise UsageError("Triton export: " + "; ".join(problems))
 
-    extra_files: list[str] = []
-    if is_engine:
-        engine_card, engine_facts = read_artifact(model_file, "tensorrt")
-        inp, out, profile_max = _engine_io(engine_facts, model_file)
-        if max_batch_size > profile_max:
-            raise UsageError(f"max_batch_size {max_batch_size} exceeds the engine's profile max batch "
-                             f"{profile_max}")
-        card_to_write: ModelCard | None = engine_card
-    else:
-        inp, out = _onnx_io(model_file)
-        extra_files = _external_data_files(model_file)
-        embedded = onnx_header(model_file).props.get(ONNX_CARD_KEY)
-        card_to_write = None if embedded else card
-    labels_card = card_to_write or (ModelCard.from_json(embedded) if embedded else card)
-    if any("\n" in c or "\r" in c for c in labels_card.class_names):
+
+def _read_engine(model_file: Path, max_batch_size: int) -> _Served:
+    """An engine's I/O and profile from its facts; its sidecar card travels with it."""
+    engine_card, engine_facts = read_engine(model_file)
+    inp, out, profile_max = _engine_io(engine_facts, model_file)
+    if max_batch_size > profile_max:
+        raise UsageError(f"max_batch_size {max_batch_size} exceeds the engine's profile max batch "
+                         f"{profile_max}")
+    return _checked(_Served(inp, out, engine_card, engine_card, engine_facts), model_file)
+
+
+def _read_onnx(model_file: Path, card: ModelCard) -> _Served:
+    """An ONNX file's I/O from its graph; `card` goes beside it only when the file embeds none."""
+    inp, out = _onnx_io(model_file)
+    embedded = onnx_header(model_file).props.get(ONNX_CARD_KEY)
+    served_card = ModelCard.from_json(embedded) if embedded else card
+    return _checked(_Served(inp, out, served_card, None if embedded else card, None,
+                            tuple(_external_data_files(model_file))), model_file)
+
+
+def _checked(served: _Served, model_file: Path) -> _Served:
+    """labels.txt holds one class per line, and as many as the output has."""
+    if any("\n" in c or "\r" in c for c in served.card.class_names):
         raise UsageError("Triton export: class names may not contain line breaks "
                          "(labels.txt holds one per line)")
-    if out["shape"] and out["shape"][-1] not in (-1, labels_card.num_classes):
+    out = served.out
+    if out["shape"] and out["shape"][-1] not in (-1, served.card.num_classes):
         raise ExportError(f"{model_file.name}: output {out['name']} has {out['shape'][-1]} classes, the card "
-                          f"names {labels_card.num_classes}")
-    config = config_text(name=name, platform=platform, max_batch_size=max_batch_size, inp=inp, out=out,
-                         dynamic_batching=dynamic_batching, preferred_batch_sizes=preferred_batch_sizes,
-                         max_queue_delay_us=max_queue_delay_us, instance_count=instance_count, kind=kind,
-                         card=labels_card)
+                          f"names {served.card.num_classes}")
+    return served
 
-    with atomic_directory(repository / name) as staging:
+
+def _write_model_folder(folder: Path, version: int, model_file: Path, file_name: str, config: str,
+                        served: _Served) -> None:
+    """config.pbtxt, labels.txt and <version>/<model file> (+ external data, card, facts), staged beside
+    `folder` and renamed into place."""
+    with atomic_directory(folder) as staging:
         version_dir = staging / str(version)
         version_dir.mkdir()
         (staging / "config.pbtxt").write_text(config, "utf-8")
-        (staging / LABELS_FILE).write_text("\n".join(labels_card.class_names) + "\n", "utf-8")
+        (staging / LABELS_FILE).write_text("\n".join(served.card.class_names) + "\n", "utf-8")
         shutil.copyfile(model_file, version_dir / file_name)
-        for location in extra_files:
+        for location in served.extra_files:
             (version_dir / location).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(model_file.parent / location, version_dir / location)
-        if card_to_write is not None:
-            card_to_write.save(sidecar_path(version_dir / file_name))
-        if is_engine:  # the engine's facts travel with it (TensorRT version, GPU, profile, precision)
-            engine_facts.save(facts_path(version_dir / file_name))
+        if served.sidecar_card is not None:
+            served.sidecar_card.save(sidecar_path(version_dir / file_name))
+        if served.facts is not None:
+            served.facts.save(facts_path(version_dir / file_name))
         os.chmod(version_dir, 0o755)  # a server usually runs as another user
-    return repository / name
 
 
 # --- `toolkit export --format triton -o repo/`: the pipeline's format entry --------------------
@@ -247,7 +285,7 @@ class TritonOptions:
 
     name: str | None = None  # default: the checkpoint's stem
     model_format: str = "onnx"
-    max_batch: int | None = None  # default: max(32, --batch-size); an engine's profile max
+    max_batch: int | None = None  # default: tensorrt.default_max_batch(--batch-size); an engine's profile max
     kind: str | None = None  # KIND_CPU / KIND_GPU; default from the device and model format
     preferred_batch_sizes: tuple[int, ...] | None = None
     max_queue_delay_us: int = 500
@@ -282,11 +320,11 @@ def write_repository(job: ExportJob, path: Path) -> Path:
             from . import tensorrt
 
             tensorrt.write_engine(job, source)
-            max_batch = _engine_io(read_artifact(source, "tensorrt")[1], source)[2]  # never above the profile
+            max_batch = _engine_io(read_engine(source)[1], source)[2]  # never above the profile
         else:
             build_onnx(job, source)
             if _onnx_io(source)[0]["shape"][:1] == [-1]:
-                max_batch = int(options.max_batch or max(32, job.batch_size))
+                max_batch = int(options.max_batch or default_max_batch(job.batch_size))
             else:  # a --static ONNX: Triton sends it whole batches of exactly that size
                 max_batch = 0
         on_gpu = engine or job.device.startswith("cuda")

@@ -71,6 +71,22 @@ class ServeStartupError(ToolkitError):
     """The model cannot be served (its warm-up failed): `toolkit serve` exits 1 with the reason."""
 
 
+class ModelLoadError(ToolkitError):
+    """A model that cannot be loaded: its folder, config or file is wrong, or it fails to open or warm up
+    (400 with the reason, as Triton answers a failed load; the model is UNAVAILABLE in the index)."""
+
+
+class UnknownModelError(ModelLoadError):
+    """A load for a name the repository does not hold (400, Triton's "failed to poll" message)."""
+
+
+class RepositoryControlError(ToolkitError):
+    """Load/unload asked of a server whose model set is fixed at start (model control mode "none";
+    Triton: UNAVAILABLE, 503)."""
+
+    http_status = 503
+
+
 def error_response(status: int, message: str, retry_after: int | None = None, *, close: bool = False,
                    **extra: Any) -> JSONResponse:
     """`{"error": message}`; Retry-After on 429/503; `Connection: close` when the body was not read."""

@@ -1,9 +1,16 @@
-"""What both ends of the channel between a front-end worker and the inference process share.
+"""Typed messages between the serving processes, each declared once, and the little setup every process shares.
 
-Control messages are pickled tuples behind a 4-byte length (`_frame`, `_read`) on a Unix socket;
-batches travel through a `multiprocessing.shared_memory` block per worker, cut into slots of
-`SLOT_BUDGET` in all (`_attach` maps it in a worker, `_close_shm` releases it in the inference
-process). Also the little process setup every serving process does the same way.
+    parent (supervisor) <-pipe-> inference process <-Unix socket-> worker 0 .. N-1
+                         <-pipe- worker (start failures only)
+
+Every message is a frozen dataclass; `send`/`receive` frame one pickled message behind a 4-byte length
+on a stream, and receivers dispatch with `match` on the class. A failure crosses as `Failure`: the
+HTTP status, the error class and the message, so the receiving side raises the same typed error the
+sending side caught. The anchor is Triton python_backend's command enum plus message struct
+(`src/ipc_message.h`): one declared command per exchange, never positional tuples.
+
+Batches travel through a `multiprocessing.shared_memory` block per worker, cut into slots (`attach` maps
+it in a worker, `close_shm` releases it in the inference process); larger ones travel inline.
 """
 
 from __future__ import annotations
@@ -15,35 +22,281 @@ import mmap
 import os
 import pickle
 import struct
+from dataclasses import dataclass, field
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
+from toolkit.errors import ToolkitError
+
+from . import errors
+
 _FRAME = struct.Struct("!I")
 SLOT_BUDGET = 64 * 1024 * 1024  # shared memory per worker (pages are only used once touched)
+Snapshot = dict[str, Any]  # `Stats.snapshot()`: plain, picklable counters
+
+
+# --- failures ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """An error that crossed a process boundary: raised again on the other side as the same class."""
+
+    status: int
+    error: str  # the class name: one of serve.errors' or a ToolkitError subclass known here
+    message: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Failure:
+        if isinstance(exc, ToolkitError):
+            return cls(exc.http_status, type(exc).__name__, str(exc))
+        return cls(500, type(exc).__name__, f"{type(exc).__name__}: {exc}")
+
+    def exception(self) -> Exception:
+        known = getattr(errors, self.error, None)
+        if isinstance(known, type) and issubclass(known, ToolkitError) and known.http_status == self.status:
+            return known(self.message)
+        if self.status >= 500 and self.status not in (503, 504):
+            return RuntimeError(self.message)  # the server's own failure: answered 500, logged
+        error = ToolkitError(self.message)
+        error.http_status = self.status  # type: ignore[misc]
+        return error
+
+
+# --- parent <-> inference process (a multiprocessing Pipe) --------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class HubUp:
+    """The inference process listens for workers."""
+
+
+@dataclass(frozen=True, slots=True)
+class HubFailed:
+    """The server cannot start (a model that must load did not): the parent exits 1 with the reason."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerUp:
+    """Worker `index` connected and holds every model: its start succeeded."""
+
+    index: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """Every worker is up and every model that should be loaded is: the server was ready once."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRestarted:
+    index: int
+    pid: int
+    exitcode: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """The parent drains: the inference process lets requests finish, then exits."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartFailed:
+    """A worker could not start (worker -> parent): the server stops with this reason."""
+
+    reason: str
+
+
+# --- worker <-> inference process (the Unix socket) ------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    index: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Shared-memory slots for this worker's batches (none when no model is shared) and the system
+    shared-memory regions clients registered so far."""
+
+    shm_name: str | None
+    slots: int
+    in_bytes: int
+    out_bytes: int
+    regions: tuple[RegionCommand, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Attach:
+    """Hold model `uid`: open it here from `spec` (a model in every worker), or with `spec` None reach the
+    inference process's copy. Answered by `Attached`."""
+
+    token: int
+    uid: int
+    name: str
+    version: str
+    settings: Any  # serve.repository.ModelSettings
+    description: Any = None  # serve.models.ModelDescription of the shared copy
+    spec: Any = None  # an opener (`RunnerSpec`) when the worker runs the model itself
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    token: int
+    description: Any = None
+    failure: Failure | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Detach:
+    """Let model `uid`'s requests finish, then free it. Answered by `Detached`."""
+
+    token: int
+    uid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Detached:
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """The repository index and which loaded model answers each (name, version)."""
+
+    entries: tuple[Any, ...]  # serve.models.IndexEntry
+    routes: dict[str, dict[str, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Infer:
+    """A batch for model `uid`: in shared-memory slot `slot`, or inline (slot -1)."""
+
+    request_id: int
+    uid: int
+    slot: int
+    shape: tuple[int, ...]
+    inline: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Inferred:
+    """The logits of request `request_id`: in its slot, or inline; and how long it queued and ran."""
+
+    request_id: int
+    shape: tuple[int, ...]
+    inline: bytes | None
+    queue_s: float
+    infer_s: float
+    batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Request `request_id` failed (inference, a model control or shared-memory request)."""
+
+    request_id: int
+    failure: Failure
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A model control or shared-memory request succeeded."""
+
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """Load or unload model `name` for the whole server (model control mode explicit)."""
+
+    request_id: int
+    action: str  # "load" | "unload"
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class RegionCommand:
+    """Register (all fields) or unregister (`key` None; `name` None: every region) a system shared-memory
+    region, in every worker."""
+
+    name: str | None
+    key: str | None = None
+    offset: int = 0
+    byte_size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Regions:
+    """A worker applied `command` itself and asks the others to (request_id answered Done/Refused);
+    the inference process sends it on with token -1 expecting `Applied`."""
+
+    request_id: int
+    command: RegionCommand
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatsQuery:
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotQuery:
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Statistics: per loaded model (by uid) and the server's own; a worker's answer to SnapshotQuery
+    (token), or the merged whole answering StatsQuery (request_id)."""
+
+    request_id: int
+    models: dict[int, Snapshot] = field(default_factory=dict)
+    server: Snapshot = field(default_factory=dict)
 
 
 # --- framing --------------------------------------------------------------------------------------
 
-def _frame(message: tuple[Any, ...]) -> bytes:
+def frame(message: object) -> bytes:
     data = pickle.dumps(message, protocol=5)
     return _FRAME.pack(len(data)) + data
 
 
-async def _read(reader: asyncio.StreamReader) -> tuple[Any, ...]:
+def send(writer: asyncio.StreamWriter, message: object) -> None:
+    """Queue one message on the stream (a closed stream drops it: its reader is gone)."""
+    if not writer.is_closing():
+        writer.write(frame(message))
+
+
+async def receive(reader: asyncio.StreamReader) -> object:
+    """The next message; raises IncompleteReadError when the other side closed the stream."""
     head = await reader.readexactly(_FRAME.size)
-    return pickle.loads(await reader.readexactly(_FRAME.unpack(head)[0]))  # type: ignore[no-any-return]
+    return pickle.loads(await reader.readexactly(_FRAME.unpack(head)[0]))
 
 
 # --- shared memory ---------------------------------------------------------------------------------
 
-def _attach(name: str, size: int) -> mmap.mmap:
+def attach(name: str, size: int) -> mmap.mmap:
     """Map the inference process's shared memory without registering it with a resource tracker (the
     creator unlinks it; a tracker in this process would unlink it again, or warn, at exit)."""
     with open(f"/dev/shm/{name}", "r+b") as handle:
         return mmap.mmap(handle.fileno(), size)
 
 
-def _close_shm(shm: SharedMemory | None) -> None:
+def close_shm(shm: SharedMemory | None) -> None:
     if shm is None:
         return
     with contextlib.suppress(BufferError, FileNotFoundError, OSError):
@@ -61,12 +314,21 @@ def default_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _run(main: Any, loop_factory: Any) -> None:
+def run(main: Any, loop_factory: Any) -> None:
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(main)
 
 
-def _name_process(name: str) -> None:
+def loop_factory() -> Any:
+    """uvloop's event loop where installed (as uvicorn picks it), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return None
+    return uvloop.new_event_loop
+
+
+def name_process(name: str) -> None:
     """Name this process as `ps`/`top` show it (Linux; threads started later inherit the name)."""
     with contextlib.suppress(Exception):
         import ctypes
@@ -74,6 +336,6 @@ def _name_process(name: str) -> None:
         ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
 
-def _logging(level: str) -> None:
+def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(levelname)s:     [%(process)d] %(message)s")

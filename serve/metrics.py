@@ -1,8 +1,15 @@
 """Request and batch statistics with Triton's meanings, rendered as Prometheus text and v2 stats JSON.
 
-Names follow Triton's `nv_inference_*` metrics: durations are cumulative microseconds over
-successful requests; a request in a batch of k is charged the whole batch's compute time (as
-Triton does); `nv_inference_count` counts images, `nv_inference_exec_count` runner calls.
+Names follow Triton's `nv_inference_*` metrics, one sample per loaded model version with Triton's
+`model` and `version` labels: durations are cumulative microseconds over successful requests; a
+request in a batch of k is charged the whole batch's compute time (as Triton does);
+`nv_inference_count` counts images, `nv_inference_exec_count` runner calls. Besides the models the
+server counts its own (`ServerCounters`): requests in flight, HTTP responses, worker processes.
+
+The text format is written here, not by prometheus_client: its exposition appends `_total` to every
+counter (`nv_inference_request_success_total`), which would rename Triton's metrics under dashboards
+built for Triton; and its multi-process mode writes a memory-mapped file on every increment, where
+these counters are plain integers merged over the processes' own channel when scraped.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
@@ -28,7 +36,7 @@ class RequestTiming:
 
 @dataclass
 class Stats:
-    """Thread-safe counters; one instance per served model."""
+    """Thread-safe counters of one loaded model version (each process counts its share)."""
 
     success: int = 0
     success_us: float = 0.0
@@ -46,11 +54,7 @@ class Stats:
     batch_input_us: defaultdict[int, float] = field(default_factory=lambda: defaultdict(float))
     batch_output_us: defaultdict[int, float] = field(default_factory=lambda: defaultdict(float))
     pending: int = 0  # requests queued, not yet running
-    in_flight: int = 0  # requests inside the server (any endpoint that does work)
-    http_responses: Counter[str] = field(default_factory=Counter)
     last_inference_ms: int = 0
-    workers: int = 0  # multi-process serving (serve.workers): front-end workers connected now
-    worker_restarts: int = 0  # front-end workers that died and were replaced
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # --- merging across processes (serve.workers: each process counts its share) ---------------
@@ -103,67 +107,6 @@ class Stats:
             self.batch_sizes[size] += 1
             self.batch_infer_us[size] += infer_s * 1e6
 
-    def record_http(self, status: int) -> None:
-        with self._lock:
-            self.http_responses[str(status)] += 1
-
-    # --- renderings ---------------------------------------------------------------------------
-
-    def prometheus(self, model: str, version: str) -> str:
-        labels = f'model="{_escape(model)}",version="{_escape(version)}"'
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.extend(f"{name}{{{extra}}} {_number(value)}" for extra, value in samples)
-
-        with self._lock:
-            metric("nv_inference_request_success", "counter",
-                   "Number of successful inference requests, all batch sizes", [(labels, self.success)])
-            metric("nv_inference_request_failure", "counter",
-                   "Number of failed inference requests, all batch sizes",
-                   [(f'{labels},reason="{r}"', self.failures.get(r, 0)) for r in FAILURE_REASONS])
-            metric("nv_inference_count", "counter",
-                   "Number of inferences performed (images; does not include cached requests)",
-                   [(labels, self.inference_count)])
-            metric("nv_inference_exec_count", "counter",
-                   "Number of model executions performed (runner calls)", [(labels, self.exec_count)])
-            metric("nv_inference_request_duration_us", "counter",
-                   "Cumulative inference request duration in microseconds (successful requests)",
-                   [(labels, self.success_us)])
-            metric("nv_inference_queue_duration_us", "counter",
-                   "Cumulative inference queuing duration in microseconds", [(labels, self.queue_us)])
-            metric("nv_inference_compute_input_duration_us", "counter",
-                   "Cumulative compute input duration in microseconds (decode + preprocess)",
-                   [(labels, self.input_us)])
-            metric("nv_inference_compute_infer_duration_us", "counter",
-                   "Cumulative compute inference duration in microseconds", [(labels, self.infer_us)])
-            metric("nv_inference_compute_output_duration_us", "counter",
-                   "Cumulative inference compute output duration in microseconds", [(labels, self.output_us)])
-            metric("nv_inference_pending_request_count", "gauge",
-                   "Instantaneous number of pending requests awaiting execution", [(labels, self.pending)])
-            lines.append("# HELP toolkit_inference_batch_size Images per model execution")
-            lines.append("# TYPE toolkit_inference_batch_size histogram")
-            cumulative = 0
-            bounds = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, *self.batch_sizes})
-            for bound in bounds:
-                cumulative = sum(c for s, c in self.batch_sizes.items() if s <= bound)
-                lines.append(f'toolkit_inference_batch_size_bucket{{{labels},le="{bound}"}} {cumulative}')
-            lines.append(f'toolkit_inference_batch_size_bucket{{{labels},le="+Inf"}} {self.exec_count}')
-            lines.append(f"toolkit_inference_batch_size_sum{{{labels}}} {self.inference_count}")
-            lines.append(f"toolkit_inference_batch_size_count{{{labels}}} {self.exec_count}")
-            metric("toolkit_requests_in_flight", "gauge", "Requests being handled now",
-                   [(labels, self.in_flight)])
-            metric("toolkit_http_responses", "counter", "HTTP responses by status code",
-                   [(f'code="{code}"', n) for code, n in sorted(self.http_responses.items())])
-            if self.workers:
-                metric("toolkit_workers", "gauge", "Front-end worker processes connected to the inference "
-                       "process", [(labels, self.workers)])
-                metric("toolkit_worker_restarts", "counter", "Front-end workers that died and were replaced",
-                       [(labels, self.worker_restarts)])
-        return "\n".join(lines) + "\n"
-
     def v2_statistics(self, model: str, version: str,
                       memory_usage: list[dict[str, object]] | None = None) -> dict[str, object]:
         """The KServe/Triton statistics extension document (`GET /v2/models/{name}/stats`).
@@ -207,8 +150,98 @@ class Stats:
 
 
 _SUMS = ("success", "success_us", "failure_us", "queue_us", "input_us", "infer_us", "output_us",
-         "inference_count", "exec_count", "pending", "in_flight", "workers", "worker_restarts")
-_MAPS = ("failures", "batch_sizes", "batch_infer_us", "batch_input_us", "batch_output_us", "http_responses")
+         "inference_count", "exec_count", "pending")
+_MAPS = ("failures", "batch_sizes", "batch_infer_us", "batch_input_us", "batch_output_us")
+
+
+@dataclass
+class ServerCounters:
+    """What the server counts besides its models: requests in flight (what draining waits for), HTTP
+    responses by status, and with worker processes, how many are connected and how many were replaced."""
+
+    in_flight: int = 0
+    http_responses: Counter[str] = field(default_factory=Counter)
+    workers: int = 0
+    worker_restarts: int = 0
+
+    def record_http(self, status: int) -> None:
+        self.http_responses[str(status)] += 1  # on the event loop only: no lock
+
+    def snapshot(self) -> dict[str, object]:
+        return {"in_flight": self.in_flight, "http_responses": dict(self.http_responses),
+                "workers": self.workers, "worker_restarts": self.worker_restarts}
+
+    @classmethod
+    def merged(cls, snapshots: Sequence[dict[str, object]]) -> ServerCounters:
+        total = cls()
+        for snap in snapshots:
+            total.in_flight += int(snap.get("in_flight", 0))  # type: ignore[call-overload]
+            total.workers += int(snap.get("workers", 0))  # type: ignore[call-overload]
+            total.worker_restarts += int(snap.get("worker_restarts", 0))  # type: ignore[call-overload]
+            total.http_responses.update(snap.get("http_responses", {}))  # type: ignore[arg-type, call-overload]
+        return total
+
+
+# --- Prometheus text exposition (format 0.0.4) --------------------------------------------------------
+
+Labelled = tuple[str, str, "Stats"]  # (model, version, its statistics)
+_COUNTERS: tuple[tuple[str, str, Callable[[Stats], float]], ...] = (
+    ("nv_inference_count", "Number of inferences performed (images; does not include cached requests)",
+     lambda s: s.inference_count),
+    ("nv_inference_exec_count", "Number of model executions performed (runner calls)",
+     lambda s: s.exec_count),
+    ("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds "
+     "(successful requests)", lambda s: s.success_us),
+    ("nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds",
+     lambda s: s.queue_us),
+    ("nv_inference_compute_input_duration_us", "Cumulative compute input duration in microseconds "
+     "(decode + preprocess)", lambda s: s.input_us),
+    ("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds",
+     lambda s: s.infer_us),
+    ("nv_inference_compute_output_duration_us", "Cumulative inference compute output duration in "
+     "microseconds", lambda s: s.output_us),
+)
+BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def exposition(models: Sequence[Labelled], server: ServerCounters) -> str:
+    """/metrics: every family once, a sample per model version (labels `model`, `version`)."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"))
+        lines.extend(f"{name}{{{labels}}} {_number(value)}" if labels else f"{name} {_number(value)}"
+                     for labels, value in samples)
+
+    labelled = [(f'model="{_escape(name)}",version="{_escape(version)}"', stats) for name, version, stats
+                in models]
+    family("nv_inference_request_success", "counter", "Number of successful inference requests, all batch "
+           "sizes", [(labels, s.success) for labels, s in labelled])
+    family("nv_inference_request_failure", "counter", "Number of failed inference requests, all batch sizes",
+           [(f'{labels},reason="{reason}"', s.failures.get(reason, 0)) for labels, s in labelled
+            for reason in FAILURE_REASONS])
+    for name, help_text, value in _COUNTERS:
+        family(name, "counter", help_text, [(labels, value(s)) for labels, s in labelled])
+    family("nv_inference_pending_request_count", "gauge", "Instantaneous number of pending requests awaiting "
+           "execution", [(labels, s.pending) for labels, s in labelled])
+    lines.extend(("# HELP toolkit_inference_batch_size Images per model execution",
+                  "# TYPE toolkit_inference_batch_size histogram"))
+    for labels, s in labelled:
+        for bound in sorted({*BATCH_BOUNDS, *s.batch_sizes}):
+            count = sum(c for size, c in s.batch_sizes.items() if size <= bound)
+            lines.append(f'toolkit_inference_batch_size_bucket{{{labels},le="{bound}"}} {count}')
+        lines += [f'toolkit_inference_batch_size_bucket{{{labels},le="+Inf"}} {s.exec_count}',
+                  f"toolkit_inference_batch_size_sum{{{labels}}} {s.inference_count}",
+                  f"toolkit_inference_batch_size_count{{{labels}}} {s.exec_count}"]
+    family("toolkit_requests_in_flight", "gauge", "Requests being handled now", [("", server.in_flight)])
+    family("toolkit_http_responses", "counter", "HTTP responses by status code",
+           [(f'code="{code}"', n) for code, n in sorted(server.http_responses.items())])
+    if server.workers:
+        family("toolkit_workers", "gauge", "Front-end worker processes connected to the inference process",
+               [("", server.workers)])
+        family("toolkit_worker_restarts", "counter", "Front-end workers that died and were replaced",
+               [("", server.worker_restarts)])
+    return "\n".join(lines) + "\n"
 
 
 def _escape(value: str) -> str:

@@ -70,3 +70,32 @@ def test_cifar_resnet_takes_plain_arguments_like_torchvision_resnet():
         CifarResNet(BasicBlock, [2, 2, 2, 2])
     with pytest.raises(ValueError, match="shortcut"):
         CifarResNet(BasicBlock, [3, 3, 3], shortcut="C")
+
+
+def test_variant_resnet_with_defaults_is_torchvisions_resnet():
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    from toolkit.resnet_variants import VariantResNet
+
+    theirs = ResNet(Bottleneck, [1, 2, 1, 1], num_classes=6, groups=32, width_per_group=4).eval()
+    ours = VariantResNet(Bottleneck, (1, 2, 1, 1), num_classes=6, groups=32, width_per_group=4).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("arch, stem, pooled", [
+    ("resnet50d", (32, 32, 64), True), ("resnet50c", (32, 32, 64), False),
+    ("resnet50s", (64, 64, 128), False), ("resnet26t", (24, 32, 64), True),
+])
+def test_timm_variant_stems_and_shortcuts(arch, stem, pooled):
+    """He et al. 2019's ResNet-C/D stems (three 3x3 convs) and ResNet-D's average-pool shortcut."""
+    with torch.device("meta"):
+        model = build_model(arch, 10)
+    assert tuple(model.conv1[i].out_channels for i in (0, 3, 6)) == stem
+    shortcut = model.layer2[0].downsample
+    assert isinstance(shortcut[0], torch.nn.AvgPool2d) == pooled
+    assert infer_architecture(model.state_dict()).arch == arch
+    with torch.inference_mode():
+        assert model(torch.empty(1, 3, 64, 64, device="meta")).shape == (1, 10)

@@ -1,7 +1,9 @@
 """Artifact facts (toolkit/artifacts.py) and the backend/format registry (toolkit/runtime/registry.py).
 
-Facts are written the same way by every exporter and read back by one function; files written before
-the facts existed still read; a throwaway backend proves "a new backend = its module + one registry line".
+Facts are written the same way by every exporter and read back by one function (`registry.read_artifact`,
+through each format's reader); files written before the facts existed still read; a throwaway backend
+proves "a new backend = its module + one registry line", a throwaway format "a new format = its reader
++ one registry line".
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ from toolkit.artifacts import (
     ONNX_FACTS_KEY,
     ArtifactFacts,
     TensorFacts,
-    describe_artifact,
-    read_artifact,
+    card_input,
+    card_output,
     write_engine_sidecars,
 )
 from toolkit.card import ModelCard, sidecar_path
+from toolkit.describe import describe_artifact
 from toolkit.errors import ModelFormatError, UsageError
 from toolkit.evaluate import collect_logits
 from toolkit.runtime import registry
 from toolkit.runtime.base import Runner
-from toolkit.runtime.registry import Backend, detect_format, open_model
+from toolkit.runtime.registry import Backend, detect_format, open_model, read_artifact
 
 TESTS = Path(__file__).parent
 
@@ -272,6 +275,45 @@ def test_a_new_backend_is_its_module_and_one_registry_line(monkeypatch, sample_o
         np.testing.assert_allclose(runner(batch), batch.mean(axis=(2, 3)) @ runner.weights, rtol=1e-6)
     with pytest.raises(UsageError, match="backend numpy takes no option bogus; its options are: scale"):
         open_model(sample_onnx_fp32, backend="numpy", bogus=1)
+
+
+def read_card_json(path: Path) -> tuple[ModelCard, ArtifactFacts]:
+    """A throwaway format's reader: a file that is only a card."""
+    card = ModelCard.from_json(Path(path).read_text())
+    return card, ArtifactFacts("cardjson", inputs=(card_input(card),), outputs=(card_output(card),))
+
+
+def test_a_new_format_is_its_reader_and_one_registry_line(monkeypatch, sample_card, tmp_path):
+    """`read_artifact` and `toolkit info` read a format through the reader its `FORMATS` entry names."""
+    line = registry.ArtifactFormat("cardjson", (".cardjson",), facts_reader="test_artifacts:read_card_json")
+    monkeypatch.setitem(registry.FORMATS, "cardjson", line)
+    path = tmp_path / "m.cardjson"
+    path.write_text(sample_card.to_json())
+    card, facts = read_artifact(path)
+    assert card == sample_card and facts.format == "cardjson"
+    assert facts.inputs[0].shape == ("batch", *sample_card.input_size)
+    info = describe_artifact(path)
+    assert info["format"] == "cardjson" and info["size_bytes"] == path.stat().st_size
+    monkeypatch.setitem(registry.FORMATS, "cardjson", registry.ArtifactFormat("cardjson", (".cardjson",)))
+    with pytest.raises(ModelFormatError, match="cardjson artifacts carry no facts"):
+        read_artifact(path)
+
+
+def test_every_format_with_files_names_a_reader_that_exists():
+    for fmt in registry.FORMATS.values():
+        if fmt.suffixes:
+            assert fmt.facts_reader is not None, fmt.name
+            assert callable(registry._imported(fmt.facts_reader)), fmt.facts_reader
+
+
+def test_require_checkpoint_is_the_one_check_and_names_every_suffix(sample_model, sample_onnx_fp32):
+    assert registry.require_checkpoint(str(sample_model), doing="toolkit export") == sample_model
+    with pytest.raises(UsageError) as info:
+        registry.require_checkpoint(sample_onnx_fp32, doing="toolkit validate")
+    message = str(info.value)
+    assert message.startswith("`toolkit validate` needs a training checkpoint (")
+    assert all(suffix in message for suffix in registry.FORMATS["checkpoint"].suffixes)
+    assert f"{sample_onnx_fp32} is an onnx artifact: use `toolkit info` or `toolkit eval` on it" in message
 
 
 def test_the_cli_offers_the_registry_backends(sample_onnx_fp32):

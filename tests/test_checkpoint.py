@@ -167,3 +167,47 @@ def test_suffix_does_not_decide_the_reader(tmp_path, suffix):
     for name in ("pickled", "safe"):
         loaded = load_checkpoint(tmp_path / f"{name}{suffix}")
         assert infer_architecture(loaded.state_dict).arch == "resnet20"
+
+
+def test_a_modern_file_has_nothing_to_note(tmp_path):
+    from safetensors.torch import save_file
+
+    state = {k: v.clone() for k, v in build_model("resnet20", 10).state_dict().items()}
+    torch.save(state, tmp_path / "w.pt")
+    save_file(state, tmp_path / "w.safetensors")
+    for name, source in (("w.pt", "torch"), ("w.safetensors", "safetensors")):
+        ckpt = load_checkpoint(tmp_path / name)
+        assert (ckpt.source, ckpt.config, ckpt.notes, ckpt.recorded) == (source, None, [], {})
+
+
+def test_a_folder_is_what_its_files_say(tmp_path):
+    """Triton model folders stay Triton's; timm/transformers folders are checkpoints; others say what was
+    looked for."""
+    import json
+
+    from toolkit.errors import ModelFormatError
+    from toolkit.runtime.registry import detect_format
+
+    triton = tmp_path / "triton" / "resnet"
+    (triton / "1").mkdir(parents=True)
+    (triton / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\n')
+    (triton / "1" / "model.onnx").write_bytes(b"")
+    assert detect_format(triton) == detect_format(triton.parent) == "onnx"
+    with pytest.raises(ModelFormatError, match="is a Triton model folder"):
+        load_checkpoint(triton)
+    (tmp_path / "empty").mkdir()
+    for call in (detect_format, load_checkpoint):
+        with pytest.raises(ModelFormatError, match=r"not a model folder; looked for config\.pbtxt .*json"):
+            call(tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"lr": 0.1}))
+    with pytest.raises(ModelFormatError, match=r"neither timm's .* nor transformers'"):
+        detect_format(tmp_path / "other")
+    timm_folder = tmp_path / "timm"
+    timm_folder.mkdir()
+    (timm_folder / "config.json").write_text(json.dumps({"architecture": "resnet20", "pretrained_cfg": {}}))
+    assert detect_format(timm_folder) == "checkpoint"
+    with pytest.raises(CheckpointError, match=r"a timm folder without weights; looked for model\."):
+        load_checkpoint(timm_folder)
+    torch.save(build_model("resnet20", 10).state_dict(), timm_folder / "best.pth")
+    assert load_checkpoint(timm_folder / "best.pth").config is None  # only the libraries' file names

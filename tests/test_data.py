@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from toolkit.card import ModelCard
-from toolkit.data import load_cifar, load_dataset, load_sample, safe_unpickle
+from toolkit.data import Dataset, balanced_indices, load_cifar, load_dataset, load_sample, safe_unpickle
 from toolkit.errors import DataError, UsageError
 from toolkit.preprocess import preprocess
 
@@ -75,3 +75,58 @@ def test_preprocess_arrays_equal_the_pil_path():
     images = load_sample("test").images[:5]
     from_pil = preprocess([Image.fromarray(i) for i in images], card)
     np.testing.assert_array_equal(preprocess(images, card), from_pil)
+
+
+# --- --limit: a seeded, class-balanced subset (issue 18 item 6) ----------------------------------
+
+def folder_like(counts: list[int]) -> Dataset:
+    """A class-per-folder listing (files sorted by class, as load_image_folder lists them); no files needed."""
+    from pathlib import Path
+
+    labels = np.repeat(np.arange(len(counts)), counts)
+    paths = [Path(f"c{label}/{i:05d}.jpg") for i, label in enumerate(labels)]
+    return Dataset("folder", tuple(f"c{i}" for i in range(len(counts))), labels, paths=paths)
+
+
+def test_limit_draws_every_class_of_a_folder_in_its_order():
+    data = folder_like([1000] * 10)
+    picked = data.subset(2000)
+    assert len(picked) == 2000 and np.bincount(picked.labels).tolist() == [200] * 10
+    positions = [data.paths.index(p) for p in picked.paths[:50]] + [int(str(picked.paths[-1])[-9:-4])]
+    assert positions == sorted(positions)  # the dataset's order among the chosen
+    assert picked.sampling == "2000 of 10000 images, class-balanced (seed 0)"
+    assert picked.ids() == data.subset(2000).ids()  # seeded: the same images every run
+    assert picked.ids() != data.subset(2000, seed=1).ids()
+    assert set(picked.ids()) <= set(data.ids())
+
+
+def test_limit_fills_from_other_classes_when_one_runs_out():
+    picked = folder_like([3, 50, 50]).subset(30)
+    assert np.bincount(picked.labels).tolist() == [3, 14, 13]
+    assert balanced_indices(np.array([0, 0, 1]), 5).tolist() == [0, 1, 2]
+
+
+def test_limit_on_arrays_keeps_the_source_ids_and_pixels():
+    sample = load_sample("test")
+    picked = sample.subset(30)
+    chosen = [int(name[len("sample-test["):-1]) for name in picked.ids()]
+    assert np.array_equal(picked.images, sample.images[chosen])
+    assert np.array_equal(picked.labels, sample.labels[chosen])
+    assert np.bincount(picked.labels).tolist() == [3] * 10
+
+
+def test_limit_without_labels_takes_the_first_and_says_so():
+    data = Dataset("x", ("a",), None, np.zeros((10, 2, 2, 3), np.uint8))
+    picked = data.subset(4)
+    assert picked.ids() == ["x[0]", "x[1]", "x[2]", "x[3]"]
+    assert picked.sampling == "4 of 10 images, the first ones (no labels to balance by)"
+
+
+def test_limit_edges():
+    data = folder_like([5, 5])
+    assert data.subset(None) is data and data.subset(10) is data and data.sampling is None
+    with pytest.raises(UsageError, match="--limit must be positive"):
+        data.subset(0)
+    aligned = data.subset(4).aligned_to(("c1", "c0"))
+    assert aligned.sampling == "4 of 10 images, class-balanced (seed 0)"
+

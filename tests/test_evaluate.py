@@ -88,6 +88,21 @@ def test_int8_onnx_eval(sample_onnx_int8, sample_subset, torch_report):
     check_against_sklearn(report)
 
 
+def test_a_limited_eval_says_how_it_drew_and_precision_agreement_pairs_the_same_images(torch_runner,
+                                                                                      torch_report):
+    """--limit draws a class-balanced subset; comparing on fewer images pairs each answer with its own
+    image (an fp32 runner against itself: agreement 1, equal accuracies)."""
+    from toolkit.evaluate import precision_agreement
+
+    assert torch_report.to_dict()["sampling"] == f"{LIMIT} of 360 images, class-balanced (seed 0)"
+    check = precision_agreement(torch_runner, torch_report, limit=20)
+    assert check["num_samples"] == 20 and check["top1_agreement"] == 1.0
+    assert check["accuracy"] == check["reference_accuracy"]
+    chosen = torch_report.data.subset_indices(20)
+    assert check["accuracy"] == pytest.approx(np.mean(torch_report.predictions[chosen] ==
+                                                      torch_report.labels[chosen]))
+
+
 def test_outputs_written(torch_report, tmp_path):
     from toolkit.report import write_eval_outputs
 
@@ -101,7 +116,7 @@ def test_outputs_written(torch_report, tmp_path):
     rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
     assert rows[0] == "index,input,label,predicted,confidence" and len(rows) == LIMIT + 1
     index, name, label, predicted, conf = rows[1].split(",")
-    assert index == "0" and name == "sample-test[0]"
+    assert index == "0" and name == torch_report.ids[0] == "sample-test[4]"  # the source's image, drawn by --limit
     assert label == torch_report.class_names[torch_report.labels[0]]
     assert predicted == torch_report.class_names[torch_report.predictions[0]]
     assert float(conf) == pytest.approx(torch_report.confidences[0], abs=1e-6) and 0 < float(conf) <= 1

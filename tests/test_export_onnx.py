@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from export import onnx as onnx_export
 from toolkit.card_layers import resolve_card
 from toolkit.errors import ExportError, UsageError
 from toolkit.runtime.onnxruntime_runner import OnnxRuntimeRunner
-
-torch = pytest.importorskip("torch")
 
 
 def random_net(arch: str, size: int, classes: int = 10, seed: int = 0):

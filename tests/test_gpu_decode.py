@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from toolkit.card import ModelCard, preset
@@ -128,7 +129,6 @@ def test_routing_sends_only_plain_jpegs_to_the_gpu(tmp_path):
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
 @pytest.mark.parametrize("size", [(500, 375), (375, 500), (224, 224), (300, 256), (160, 120)])
 def test_tensor_resize_matches_pil(interpolation, size):
-    torch = pytest.importorskip("torch")
     from toolkit.gpu_decode import resize_crop_tensor
 
     card = IMAGENET.replace(interpolation=interpolation)
@@ -142,8 +142,6 @@ def test_tensor_resize_matches_pil(interpolation, size):
 
 
 def test_tensor_batches_on_cpu_route_and_order(folder):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("torchvision")
     from toolkit.gpu_decode import tensor_uint8_batches
 
     data = load_image_folder(folder)
@@ -158,9 +156,6 @@ def test_tensor_batches_on_cpu_route_and_order(folder):
 
 
 def test_decode_agreement_on_cpu(folder, tmp_path):
-    pytest.importorskip("torchvision")
-    import torch
-
     from toolkit.archs import build_model
     from toolkit.gpu_decode import decode_agreement
     from toolkit.runtime.torch_runner import TorchRunner

@@ -7,12 +7,11 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from toolkit.card import ModelCard, preset
 from toolkit.errors import InputError, UsageError
 from toolkit.preprocess import preprocess
-
-torch = pytest.importorskip("torch")
 
 CARDS = {
     "cifar10": ModelCard(arch="resnet20", **preset("cifar10")),

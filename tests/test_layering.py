@@ -1,15 +1,19 @@
 """The import arrows of DESIGN.md, read from the source with `ast` (nothing is imported to check them).
 
-- `toolkit` (all but toolkit/cli.py) never imports `export` or `serve`, at any depth;
-  toolkit/cli.py imports them only inside functions, so `toolkit --help` stays light;
+- `toolkit` (all but the CLI, toolkit/cli/) never imports `export` or `serve`, at any depth;
+  the CLI imports them only inside functions, so `toolkit --help` stays light;
 - `export` never imports `serve`;
 - the ONNX Runtime, OpenVINO and TensorRT runners, and every project module they reach, never
   import torch or torchvision (importing torch costs seconds and hundreds of MB);
-- no import cycles among the project's modules, counting imports inside functions (a lazy cycle is
-  still two modules that cannot be understood apart). Imports under `if TYPE_CHECKING:` never run,
-  so they count only for the layering rules, not for cycles or torch.
+- no import cycles among the project's modules, counting imports inside functions and under
+  `if TYPE_CHECKING:` (a lazy or type-only cycle is still two modules that cannot be understood
+  apart). Type-only imports never run, so they do not count for torch.
 
 Imports by computed name (`importlib.import_module(...)`, as the runtime registry does) are not seen.
+
+And size, which the arrows alone do not hold (issue 20): no function over 80 lines, no module over
+600, in toolkit/, export/ and serve/. Past those, a function wants named phases and a module a split
+by job.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ PACKAGES = ("toolkit", "export", "serve")
 TORCH_FREE_RUNNERS = ("toolkit.runtime.onnxruntime_runner", "toolkit.runtime.openvino_runner",
                       "toolkit.runtime.tensorrt_runner")
 TORCH = ("torch", "torchvision")
+CLI = "toolkit.cli"  # the package of the command line, the one part of toolkit that may reach export/serve
+MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = 600
 
 
 @dataclass(frozen=True)
@@ -97,12 +104,12 @@ class ImportGraph:
             target = target.rpartition(".")[0]
         return target or None
 
-    def edges(self) -> dict[str, set[str]]:
-        """module -> project modules it imports when run (type-only imports left out)."""
+    def edges(self, type_only: bool = False) -> dict[str, set[str]]:
+        """module -> project modules it imports when run (and, with `type_only`, for type checking)."""
         out: dict[str, set[str]] = {name: set() for name in self.modules}
         for imp in self.imports:
             target = self.resolve(imp.target)
-            if target is not None and target != imp.importer and not imp.type_only:
+            if target is not None and target != imp.importer and (type_only or not imp.type_only):
                 out[imp.importer].add(target)
         return out
 
@@ -160,6 +167,10 @@ def _is_package(target: str, packages: tuple[str, ...]) -> bool:
     return target.split(".")[0] in packages
 
 
+def _in_cli(module: str) -> bool:
+    return module == CLI or module.startswith(CLI + ".")
+
+
 @pytest.fixture(scope="module")
 def graph() -> ImportGraph:
     return ImportGraph(ROOT, PACKAGES)
@@ -167,21 +178,21 @@ def graph() -> ImportGraph:
 
 def test_the_graph_sees_the_project(graph):
     """Guards the rules below against passing on an empty or misread graph."""
-    assert {"toolkit.cli", "toolkit.evaluate", "export.pipeline", "serve.server"} <= set(graph.modules)
+    assert {CLI, "toolkit.evaluate", "export.pipeline", "serve.server"} <= set(graph.modules)
     assert "toolkit.errors" in graph.edges()["toolkit.evaluate"]
-    from_cli = {(graph.resolve(i.target), i.lazy) for i in graph.imports if i.importer == "toolkit.cli"}
+    from_cli = {(graph.resolve(i.target), i.lazy) for i in graph.imports if _in_cli(i.importer)}
     assert ("export.pipeline", True) in from_cli and ("serve.server", True) in from_cli
     assert all(graph.reached_from(r) for r in TORCH_FREE_RUNNERS)
 
 
 def test_only_the_cli_imports_export_or_serve(graph):
-    bad = [str(i) for i in graph.imports if i.importer.startswith("toolkit") and i.importer != "toolkit.cli"
+    bad = [str(i) for i in graph.imports if i.importer.startswith("toolkit") and not _in_cli(i.importer)
            and _is_package(i.target, ("export", "serve"))]
     assert bad == [], "toolkit must not depend on export/serve:\n" + "\n".join(bad)
 
 
 def test_the_cli_imports_export_and_serve_only_inside_functions(graph):
-    bad = [str(i) for i in graph.imports if i.importer == "toolkit.cli"
+    bad = [str(i) for i in graph.imports if _in_cli(i.importer)
            and _is_package(i.target, ("export", "serve")) and not i.lazy]
     assert bad == [], "keep `toolkit --help` light:\n" + "\n".join(bad)
 
@@ -200,10 +211,43 @@ def test_torch_free_runtimes_never_reach_torch(graph, runner):
     assert bad == [], f"{runner} reaches torch:\n" + "\n".join(bad)
 
 
-def test_no_import_cycles_even_lazy_ones(graph):
-    found = cycles(graph.edges())
-    assert found == [], "import cycles (imports inside functions count):\n" + "\n".join(
-        " <-> ".join(c) for c in found)
+def test_no_import_cycles_even_lazy_or_type_only_ones(graph):
+    found = cycles(graph.edges(type_only=True))
+    assert found == [], "import cycles (imports inside functions and under TYPE_CHECKING count):\n" + \
+        "\n".join(" <-> ".join(c) for c in found)
+
+
+# --- size -------------------------------------------------------------------------------------------
+
+def long_functions(root: Path, packages: tuple[str, ...], limit: int) -> Iterator[str]:
+    """`module:line name (N lines)` for every function or method longer than `limit`, from `def` (or
+    its first decorator) to its last line; nested functions count inside their parent too."""
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                    length = (node.end_lineno or node.lineno) - start + 1
+                    if length > limit:
+                        yield f"{module_name(path, root)}:{node.lineno} {node.name} ({length} lines)"
+
+
+def long_modules(root: Path, packages: tuple[str, ...], limit: int) -> Iterator[str]:
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            lines = len(path.read_text("utf-8").splitlines())
+            if lines > limit:
+                yield f"{module_name(path, root)} ({lines} lines)"
+
+
+def test_no_function_over_80_lines():
+    bad = list(long_functions(ROOT, PACKAGES, MAX_FUNCTION_LINES))
+    assert bad == [], f"over {MAX_FUNCTION_LINES} lines: split into named phases:\n" + "\n".join(bad)
+
+
+def test_no_module_over_600_lines():
+    bad = list(long_modules(ROOT, PACKAGES, MAX_MODULE_LINES))
+    assert bad == [], f"over {MAX_MODULE_LINES} lines: split by job:\n" + "\n".join(bad)
 
 
 def error_classes(root: Path, packages: tuple[str, ...]) -> Iterator[tuple[str, str, int, list[str]]]:
@@ -249,9 +293,25 @@ def test_checker_finds_lazy_cycles_layer_breaks_and_torch(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     fake = ImportGraph(tmp_path, ("toolkit", "serve"))
-    assert cycles(fake.edges()) == [["toolkit.a", "toolkit.b", "toolkit.c"]]  # e <-> f is type-only
+    assert cycles(fake.edges()) == [["toolkit.a", "toolkit.b", "toolkit.c"]]  # e <-> f is type-only...
+    assert cycles(fake.edges(type_only=True)) == [["toolkit.a", "toolkit.b", "toolkit.c"],
+                                                  ["toolkit.e", "toolkit.f"]]  # ...and counts here
     serve_import = [i for i in fake.imports if i.target.startswith("serve")]
     assert len(serve_import) == 1 and serve_import[0].type_only and serve_import[0].importer == "toolkit.c"
     reached = fake.reached_from("toolkit.runtime.fast")
     assert reached == {"toolkit", "toolkit.runtime", "toolkit.runtime.fast", "toolkit.d"}
     assert [i.line for i in fake.imports if i.importer in reached and i.target.startswith("torch")] == [2]
+
+
+def test_size_checker_counts_decorators_and_nested_functions(tmp_path):
+    def body(indent: int) -> str:  # eight lines
+        return "\n".join(f"{' ' * indent}x{i} = {i}" for i in range(8))
+
+    (tmp_path / "toolkit").mkdir()
+    (tmp_path / "toolkit" / "big.py").write_text(
+        f"@decorator\ndef outer():\n    def inner():\n{body(8)}\n        return 1\n{body(4)}\n"
+        f"class A:\n    def method(self):\n{body(8)}\n")
+    found = list(long_functions(tmp_path, ("toolkit",), 10))
+    assert found == ["toolkit.big:2 outer (20 lines)"]  # inner (10 lines) and method (9) are within
+    assert list(long_modules(tmp_path, ("toolkit",), 29)) == ["toolkit.big (30 lines)"]
+    assert list(long_modules(tmp_path, ("toolkit",), 30)) == []

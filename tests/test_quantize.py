@@ -10,7 +10,8 @@ from toolkit.artifacts import ONNX_FACTS_KEY, ArtifactFacts
 from toolkit.data import Dataset
 from toolkit.errors import UsageError
 from toolkit.evaluate import collect_logits, top1_accuracy
-from toolkit.runtime.registry import open_model
+from toolkit.names import CALIB_METHODS
+from toolkit.runtime.registry import open_model, read_artifact
 
 
 def toy(labels: list[int]) -> Dataset:
@@ -70,6 +71,21 @@ def test_int8_loses_at_most_one_point(sample_onnx_fp32, sample_onnx_int8, sample
         ref, out = collect_logits(fp32, sample_test), collect_logits(int8, sample_test)
     assert top1_accuracy(ref, sample_test.labels) - top1_accuracy(out, sample_test.labels) <= 0.01
     assert (ref.argmax(1) == out.argmax(1)).mean() >= 0.99
+
+
+@pytest.mark.parametrize("method", CALIB_METHODS)
+def test_quantize_knows_every_calibration_method(sample_onnx_fp32, sample_card, sample_test, tmp_path,
+                                                 method):
+    """Every --calib-method the CLI offers gives a Q/DQ int8 file whose facts name the method."""
+    import onnx
+
+    path = quantize(sample_onnx_fp32, sample_card, tmp_path / f"{method}.onnx", sample_test, calib_size=16,
+                    method=method)
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    card, facts = read_artifact(path)
+    assert card == sample_card and facts.precision == "int8"
+    assert f"method={method}" in facts.calibration
 
 
 @pytest.mark.slow

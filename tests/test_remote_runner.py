@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from test_serve_support import running_server
+from support.serve import running_server
 from toolkit.errors import ModelFormatError, UsageError
 from toolkit.preprocess import preprocess
 from toolkit.runtime.remote_runner import RemoteRunner, _card_from_config, parse_url

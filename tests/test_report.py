@@ -125,7 +125,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_failure_midway_leaves_the_previous_report_whole(report, tmp_path, monkeypatch):
-    import toolkit.report as module
+    import toolkit.report.files as module  # where the writers look them up
 
     out = tmp_path / "out"
     write_eval_outputs(make_report(seed=1), out)
@@ -141,9 +141,9 @@ def test_failure_midway_leaves_the_previous_report_whole(report, tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left beside it
 
 
-@pytest.mark.parametrize("where", ["_csv", "eval_html"])
+@pytest.mark.parametrize("where", ["csv_text", "eval_html"])
 def test_full_disk_is_one_line_and_nothing_partial(report, tmp_path, monkeypatch, where):
-    import toolkit.report as module
+    import toolkit.report.files as module  # where the writers look them up
 
     out = tmp_path / "out"
     write_eval_outputs(make_report(seed=2), out)
@@ -164,7 +164,7 @@ def test_full_disk_is_one_line_and_nothing_partial(report, tmp_path, monkeypatch
 
 
 def test_cli_full_disk_is_one_red_line(sample_model, tmp_path, monkeypatch):
-    import toolkit.report as module
+    import toolkit.report.files as module  # where the writers look them up
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -205,6 +205,21 @@ def test_thumbnails_of_files_and_unreadable_ones(tmp_path):
     assert thumbnail_png(data, 2) is None
     page = gallery_html(data, [(2, "broken.png", [("<b>", "wrong")])])
     assert "no preview" in page and "&lt;b&gt;" in page
+
+
+def test_the_report_package_imports_nothing_heavy_and_keeps_its_names():
+    """Split by medium (issue 20), `from toolkit.report import X` still works for every name the CLI, the
+    benchmark and the tests use, and importing it loads none of rich, matplotlib, PIL or torch."""
+    import subprocess
+    import sys
+
+    names = ("render_validation render_info render_eval render_predictions render_compare render_benchmark "
+             "progress_bar predictions_csv write_eval_outputs write_compare_outputs EVAL_FILES GALLERY_LIMIT "
+             "gallery_html thumbnail_png save_figure pyplot")
+    code = (f"import sys\nfrom toolkit.report import {', '.join(names.split())}\n"
+            "heavy = [m for m in ('rich', 'matplotlib', 'PIL', 'torch') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_benchmark_table_shows_the_mcnemar_p_value():

@@ -1,7 +1,9 @@
-"""ONNX Runtime and OpenVINO runners: agree with eager PyTorch, read the card, fail cleanly."""
+"""The runners: ONNX Runtime and OpenVINO agree with eager PyTorch, read the card, fail cleanly; every
+runner warms up at the end of `open`, and only there."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -80,12 +82,48 @@ def test_every_runner_warms_up_at_load(sample_onnx_fp32, sample_model, monkeypat
         assert len(sizes) == calls
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_a_model_that_loads_but_cannot_run_fails_at_load_in_one_line(sample_onnx_fp32, monkeypatch, backend):
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "torch"])
+def test_a_model_that_loads_but_cannot_run_fails_at_load_in_one_line(sample_onnx_fp32, sample_model,
+                                                                     monkeypatch, backend):
+    model = sample_model if backend == "torch" else sample_onnx_fp32
     _count_runs(monkeypatch, backend, fail=True)
     with pytest.raises(ModelFormatError, match=r"cannot run it \(kaboom: no kernel for this node\)") as info:
-        open_model(sample_onnx_fp32, backend=backend)
-    assert sample_onnx_fp32.name in str(info.value) and "\n" not in str(info.value)
+        open_model(model, backend=backend)
+    assert model.name in str(info.value) and "\n" not in str(info.value)
+
+
+def test_torch_runner_constructor_stores_and_open_warms_up(sample_model, sample_card, monkeypatch, tmp_path):
+    """Issue 20: one warm-up convention (`Runner.warm_up`, at the end of `open`), a constructor that runs
+    nothing, and inductor's cache folder set only while a step compiles, never left in the environment."""
+    import torch
+
+    from toolkit.archs import build_model
+    from toolkit.runtime.torch_runner import RunOptions, TorchRunner
+
+    sizes = _count_runs(monkeypatch, "torch")
+    caches: list[str | None] = []  # TORCHINDUCTOR_CACHE_DIR as each compiled call sees it
+
+    def fake_compile(step, **_):
+        def call(x):
+            caches.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+            return step(x)
+        return call
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    options = RunOptions(compile="default", compile_cache=tmp_path / "unused", batch_size=4)
+    runner = TorchRunner(build_model("resnet20", sample_card.num_classes), sample_card, source="built",
+                         options=options)
+    assert sizes == [] and caches == [] and runner.compile_status == "pending"
+    assert not (tmp_path / "unused").exists()
+    with open_model(sample_model, batch_size=4, warmup=3):
+        assert sizes == [4, 4, 4]
+    cache = tmp_path / "inductor"
+    with open_model(sample_model, compile="default", compile_cache=str(cache), batch_size=4,
+                    warmup=2) as opened:
+        assert opened.compile_status == "compiled" and sizes == [4] * 5
+    assert caches[0] == str(cache) and cache.is_dir()  # the compiling call ran inside the scope...
+    assert caches[1] != str(cache)  # ...the next one outside it, and nothing was left behind
+    assert not os.environ.get("TORCHINDUCTOR_CACHE_DIR", "").startswith(str(tmp_path))
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
@@ -133,7 +171,7 @@ def test_onnx_path_never_imports_torch(sample_onnx_fp32):
         import sys
         import numpy as np
         from toolkit.runtime.registry import open_model
-        from toolkit.artifacts import describe_artifact
+        from toolkit.describe import describe_artifact
         for backend in ("onnxruntime", "openvino"):
             with open_model({str(sample_onnx_fp32)!r}, backend=backend) as runner:
                 runner(np.zeros((2, 3, 32, 32), np.float32))

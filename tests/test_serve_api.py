@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from test_serve_support import SlowRunner, png_bytes, running_server, wait_for
+from support.serve import SlowRunner, png_bytes, running_server, wait_for
 from toolkit.evaluate import evaluate, predict, softmax
 from toolkit.preprocess import preprocess
 

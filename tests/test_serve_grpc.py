@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_serve_support import free_port, running_server
+from support.serve import free_port, running_server
 from toolkit.preprocess import preprocess
 
 grpcclient = pytest.importorskip("tritonclient.grpc")

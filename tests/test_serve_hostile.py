@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import pytest
 
-from test_serve_support import SlowRunner, free_port, png_bytes, running_server, zip_with_declared_size
+from support.serve import SlowRunner, free_port, png_bytes, running_server, zip_with_declared_size
 
 MODEL = "digits"
 ZIP = {"Content-Type": "application/zip"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_serve_support import free_port, running_server
+from support.serve import free_port, running_server
 from toolkit.preprocess import preprocess
 
 KSERVE_PYTHON = Path(__file__).resolve().parents[1] / ".venv-kserve" / "bin" / "python"

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_serve_support import free_port, png_bytes, wait_for, zip_with_declared_size
+from support.serve import free_port, png_bytes, wait_for, zip_with_declared_size
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from test_serve_support import png_bytes, running_server
+from support.serve import png_bytes, running_server
 from toolkit.evaluate import predict
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from test_serve_support import free_port, png_bytes, wait_for
+from support.serve import free_port, png_bytes, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def test_cli_serves_onnx_by_file_stem_and_exits_cleanly_on_sigterm(sample_onnx_f
 DRAIN_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
-    from test_serve_support import SlowRunner
+    from support.serve import SlowRunner
     from serve.config import ServeConfig
     from serve.server import serve
     from toolkit.runtime.registry import open_model

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from test_serve_support import running_server
+from support.serve import running_server
 from toolkit.preprocess import preprocess
 
 MODEL = "digits"

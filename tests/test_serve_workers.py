@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
-from test_serve_support import free_port, png_bytes, wait_for
+from support.serve import free_port, png_bytes, wait_for
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).parent
@@ -183,7 +183,7 @@ def test_api_key_and_grpc_across_workers(server, sample_test, sample_onnx_runner
 DRAIN = textwrap.dedent("""
     import sys
     sys.path[:0] = [{root!r}, {tests!r}]
-    from test_serve_support import SlowSpec
+    from support.serve import SlowSpec
     from serve.config import ServeConfig
     from serve.workers import serve_workers
 

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 import fakes.tensorrt as fake_trt
-from toolkit.artifacts import ArtifactFacts, facts_path, read_artifact, write_engine_sidecars
+from toolkit.artifacts import ArtifactFacts, facts_path, write_engine_sidecars
 from toolkit.card import load_sidecar
 from toolkit.errors import BackendUnavailableError, ModelFormatError, UsageError
 from toolkit.runtime import open_model
+from toolkit.runtime.registry import read_artifact
 from toolkit.runtime.tensorrt_runner import (
     TensorRTEnvironment,
     TensorRTRunner,
@@ -367,8 +368,8 @@ def test_simulated_pipeline_formats(simulated_tensorrt, sample_model, sample_car
 def test_info_reads_engine_facts_of_an_older_engine_without_tensorrt(tmp_path, sample_card):
     """`toolkit info` on an engine needs no GPU; an engine written before the facts sidecar kept them in
     its card's extra["tensorrt"], and still reads (the card given back no longer holds them)."""
-    from toolkit.artifacts import describe_artifact
     from toolkit.card import sidecar_path
+    from toolkit.describe import describe_artifact
 
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"\x00" * 64)

@@ -1,4 +1,4 @@
-"""What an artifact is, apart from what the model is: `ArtifactFacts`, and the one reader for every format.
+"""What an artifact is, apart from what the model is: `ArtifactFacts`, and each exported format's reader.
 
 The ModelCard says what the model is (architecture, classes, preprocessing); the facts say what this
 file is: its format, precision, input/output tensors, and who made it (opset, exporter, toolkit
@@ -9,11 +9,13 @@ Every exporter writes both the same way, each in its format's own container:
     TorchScript  _extra_files    "card.json"     and  "artifact.json"
     TensorRT     sidecars        <engine>.card.json  and  <engine>.facts.json  (never bytes in the engine)
 
-`read_artifact(path) -> (card, facts)` is the one reader: `toolkit info`, the runners (precision,
-declared I/O) and the server all go through it. ONNX files are read with `onnx` alone, weights left
-on disk; TorchScript archives are read as the zip files they are; engines from their sidecars. None
-of that imports torch. Files written before the facts existed (an ONNX with only `toolkit.precision`,
-an engine whose card held `extra["tensorrt"]`, a TorchScript with only its card) still read.
+`read_onnx`, `read_torchscript` and `read_engine` read them back as `(card, facts)`: ONNX files with
+`onnx` alone, weights left on disk; TorchScript archives as the zip files they are; engines from
+their sidecars. None of that imports torch, and nothing here knows about runners: this module is
+below the runtime (each runner reads its file here at `open`). `runtime.registry.read_artifact`
+picks the reader for any path; `toolkit.describe` is what `toolkit info` prints. Files written
+before the facts existed (an ONNX with only `toolkit.precision`, an engine whose card held
+`extra["tensorrt"]`, a TorchScript with only its card) still read.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 from . import __version__
 from .card import MAX_CARD_BYTES, ModelCard, load_json_bounded, load_sidecar, sidecar_path
 from .errors import DataError, ModelFormatError, UsageError, first_line
-from .names import EXPORT_PRECISIONS
+from .names import EXPORT_PRECISIONS, INPUT_NAME, OUTPUT_NAME
 from .paths import read_bytes_bounded, require_file
 
 ONNX_CARD_KEY = "toolkit.card"
@@ -254,7 +256,9 @@ def onnx_facts(header: OnnxHeader, path: Path) -> ArtifactFacts:
                                 "nodes": header.nodes})
 
 
-def _read_onnx(path: Path) -> tuple[ModelCard, ArtifactFacts]:
+def read_onnx(path: str | Path) -> tuple[ModelCard, ArtifactFacts]:
+    """An ONNX file's card and facts from its metadata_props (or, for older files, its sidecar card)."""
+    path = Path(path)
     header = onnx_header(path)
     text = header.props.get(ONNX_CARD_KEY)
     card = card_from_json(text, path) if text else _sidecar_card(path, f"metadata '{ONNX_CARD_KEY}'")
@@ -273,8 +277,9 @@ def torchscript_extra_files(card: ModelCard, facts: ArtifactFacts) -> dict[str, 
     return {TORCHSCRIPT_CARD_FILE: card.to_json(), TORCHSCRIPT_FACTS_FILE: facts.to_json()}
 
 
-def _read_torchscript(path: Path) -> tuple[ModelCard, ArtifactFacts]:
+def read_torchscript(path: str | Path) -> tuple[ModelCard, ArtifactFacts]:
     """torch.jit.save writes a zip whose `<archive>/extra/<name>` entries are the extra files."""
+    path = Path(path)
     require_file(path, error=ModelFormatError, what="TorchScript file")
     try:
         with zipfile.ZipFile(path) as archive:
@@ -335,7 +340,9 @@ def _legacy_engine_facts(old: Mapping[str, Any]) -> ArtifactFacts:
     )
 
 
-def _read_engine(path: Path) -> tuple[ModelCard, ArtifactFacts]:
+def read_engine(path: str | Path) -> tuple[ModelCard, ArtifactFacts]:
+    """An engine's card and facts from its sidecars (the engine's bytes are TensorRT's alone)."""
+    path = Path(path)
     require_file(path, error=ModelFormatError, what="TensorRT engine")
     card = engine_card(path)
     sidecar = facts_path(path)
@@ -361,42 +368,20 @@ def write_engine_sidecars(engine: str | Path, card: ModelCard, facts: ArtifactFa
     facts.save(facts_path(engine))
 
 
-# --- the one reader -------------------------------------------------------------------------------
+# --- cards and checks -------------------------------------------------------------------------------
 
-def card_input(card: ModelCard, name: str = "input") -> TensorFacts:
+def card_input(card: ModelCard, name: str = INPUT_NAME) -> TensorFacts:
     return TensorFacts(name, ("batch", *card.input_size), "float32")
 
 
-def card_output(card: ModelCard, name: str = "logits") -> TensorFacts:
+def card_output(card: ModelCard, name: str = OUTPUT_NAME) -> TensorFacts:
     return TensorFacts(name, ("batch", card.num_classes), "float32")
 
 
-def read_artifact(path: str | Path, fmt: str | None = None) -> tuple[ModelCard, ArtifactFacts]:
-    """(card, facts) of an ONNX file, TorchScript archive, TensorRT engine or checkpoint.
-
-    `fmt` skips format detection when the caller knows it. Checkpoints carry no facts: their card
-    is resolved from the weights (which needs torch, as checkpoints do), and their facts are fp32
-    with the card's I/O.
-    """
-    from .runtime.registry import detect_format, triton_model_file
-
-    path = Path(path)
-    if path.is_dir():
-        path = triton_model_file(path)
-    fmt = fmt or detect_format(path)
-    if fmt == "onnx":
-        return _read_onnx(path)
-    if fmt == "torchscript":
-        return _read_torchscript(path)
-    if fmt == "tensorrt":
-        return _read_engine(path)
-    if fmt == "checkpoint":
-        from .runtime.registry import open_model
-
-        with open_model(path, backend="torch") as runner:
-            assert runner.facts is not None  # the torch backend always states them
-            return runner.card, runner.facts
-    raise ModelFormatError(f"{path}: {fmt} artifacts carry no facts to read")
+def checkpoint_facts(card: ModelCard) -> ArtifactFacts:
+    """A checkpoint holds weights, not facts: fp32, with the card's input and output."""
+    return ArtifactFacts("checkpoint", toolkit_version=None, inputs=(card_input(card),),
+                         outputs=(card_output(card),))
 
 
 def check_declared_input(card: ModelCard, declared: Sequence[Dim | None], path: str | Path,
@@ -413,26 +398,13 @@ def check_declared_input(card: ModelCard, declared: Sequence[Dim | None], path: 
                                f"{', '.join(map(str, expected))}): artifact and card disagree")
 
 
-def describe_artifact(model: str | Path) -> dict[str, Any]:
-    """`toolkit info`: path, format, precision, card, inputs/outputs, opset or TensorRT facts, size."""
-    if str(model).startswith(("http://", "https://")):
-        from .runtime.registry import open_model
+def __getattr__(name: str) -> Any:
+    """TRANSITIONAL (issue 20): `read_artifact` moved to toolkit.runtime.registry and
+    `describe_artifact` to toolkit.describe; the old imports resolve until their callers move, by
+    computed name so that this module imports nothing above it."""
+    moved = {"read_artifact": "toolkit.runtime.registry", "describe_artifact": "toolkit.describe"}
+    if name in moved:
+        import importlib
 
-        with open_model(model, backend="remote") as runner:
-            return {"path": str(model), "format": "remote", "card": runner.card.to_dict(),
-                    **runner.describe()}
-    from .fileio import artifact_size
-    from .runtime.registry import detect_format, triton_model_file
-
-    path = Path(model)
-    target = triton_model_file(path) if path.is_dir() else path
-    card, facts = read_artifact(target, detect_format(target))
-    described = facts.to_dict()
-    extra = described.pop("extra")
-    info: dict[str, Any] = {"path": str(path), **described,
-                            **{k: v for k, v in extra.items() if k not in described}, "card": card.to_dict()}
-    if path.is_dir():
-        info["triton_model"] = str(target.parent.parent)
-        info["model_file"] = str(target)
-    info["size_bytes"] = artifact_size(path)
-    return info
+        return getattr(importlib.import_module(moved[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -37,7 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import ArchInfo, LoadedCheckpoint
     from .known_weights import KnownWeights
 
-log = logging.getLogger("toolkit")
+# notices for the person at the terminal (the CLI shows them as dim lines on stderr)
+log = logging.getLogger("toolkit.notice")
 
 # card field -> the flag that sets it (for messages)
 FLAG_OF_FIELD = {"class_names": "--classes", "mean": "--mean", "std": "--std", "input_size": "--input-size",
@@ -150,17 +151,20 @@ def override_card(card: ModelCard, flags: CardFlags | None, where: str) -> Model
     """The card an artifact carries with the user's flags on top; one line names what they override."""
     if not flags:
         return card
-    data = card.to_dict()
-    fields = flags.fields(data)
+    fields = flags.fields(card.to_dict())
     check_class_count(fields, card.num_classes, flags)
-    changed = [name for name, value in fields.items() if tuple(value if isinstance(value, (list, tuple))
-                                                                else [value]) != _as_tuple(data[name])]
-    if not changed:
-        return card
-    named = sorted({FLAG_OF_FIELD[name] for name in changed})
-    log.warning("note: %s %s the card embedded in %s", ", ".join(named),
-                "overrides" if len(named) == 1 else "override", where)
+    announce_overrides(card, fields, where)
     return card.replace(**fields)
+
+
+def announce_overrides(card: ModelCard, fields: Mapping[str, Any], where: str) -> None:
+    """One notice naming the flags that change what the card in (or beside) `where` says."""
+    data = card.to_dict()
+    changed = sorted({FLAG_OF_FIELD[name] for name, value in fields.items()
+                      if name in FLAG_OF_FIELD and _as_tuple(value) != _as_tuple(data[name])})
+    if changed:
+        log.warning("note: %s %s the card of %s", ", ".join(changed),
+                    "overrides" if len(changed) == 1 else "override", where)
 
 
 def _as_tuple(value: Any) -> tuple[Any, ...]:
@@ -212,7 +216,8 @@ def resolve_card(
     return ModelCard.from_dict(merged)
 
 
-def checkpoint_card(ckpt: LoadedCheckpoint, info: ArchInfo, flags: CardFlags | Mapping[str, Any] | None = None,
+def checkpoint_card(ckpt: LoadedCheckpoint, info: ArchInfo,
+                    flags: CardFlags | Mapping[str, Any] | None = None,
                     *, sidecar: bool = True) -> tuple[ModelCard, KnownWeights | None]:
     """A checkpoint's card from all its layers, and the public weights it was recognised as (if any).
 
@@ -224,10 +229,12 @@ def checkpoint_card(ckpt: LoadedCheckpoint, info: ArchInfo, flags: CardFlags | M
     from .known_weights import recognise
 
     known = recognise(ckpt.sha256, info.arch)
+    stored = ckpt.card or (load_sidecar(ckpt.path) if sidecar else None)
     card = resolve_card(
-        arch=info.arch, num_classes=info.num_classes, stem=info.spec.stem, flags=flags,
-        card=ckpt.card or (load_sidecar(ckpt.path) if sidecar else None), config=getattr(ckpt, "config", None),
-        known=known.card_fields() if known else None,
+        arch=info.arch, num_classes=info.num_classes, stem=info.spec.stem, flags=flags, card=stored,
+        config=ckpt.config, known=known.card_fields() if known else None,
         facts={"shortcut": info.shortcut, "source_sha256": ckpt.sha256},
     )
+    if stored is not None and isinstance(flags, CardFlags):
+        announce_overrides(stored, flags.fields(stored.to_dict()), str(ckpt.path))
     return card, known

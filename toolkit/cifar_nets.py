@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from .resnet_variants import shortcut, stack_blocks
+
 
 class ZeroPadShortcut(nn.Module):
     """Option A: subsample by 2 and zero-pad the new channels; no parameters."""
@@ -70,15 +72,11 @@ class CifarResNet(nn.Module):
             if self.shortcut == "A" and block is BasicBlock:
                 downsample = ZeroPadShortcut(self.inplanes, out_channels)
             else:
-                downsample = nn.Sequential(
-                    nn.Conv2d(self.inplanes, out_channels, kernel_size=1, stride=stride, bias=False),
-                    nn.BatchNorm2d(out_channels),
-                )
+                downsample = shortcut(self.inplanes, out_channels, stride, avg_down=False)
         extra = {"groups": self.groups, "base_width": self.base_width} if block is Bottleneck else {}
-        layers = [block(self.inplanes, planes, stride, downsample, **extra)]
+        stage = stack_blocks(block, self.inplanes, planes, blocks, stride, downsample, **extra)
         self.inplanes = out_channels
-        layers += [block(self.inplanes, planes, **extra) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        return stage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -165,7 +165,7 @@ class Comparison:
         return {
             "a": {"model": self.a.model, "backend": self.a.backend, "precision": self.a.precision},
             "b": {"model": self.b.model, "backend": self.b.backend, "precision": self.b.precision},
-            "dataset": self.a.dataset, "num_samples": len(self.a.predictions),
+            "dataset": self.a.dataset, "sampling": self.a.sampling, "num_samples": len(self.a.predictions),
             "metrics": self.metrics(), "per_class": self.per_class(), "agreement": self.agreement,
             "mcnemar": self.test.to_dict(), "disagreements": self.disagreement_rows(),
         }

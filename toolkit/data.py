@@ -15,7 +15,7 @@ import pickle
 import tarfile
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypedDict
 
@@ -234,36 +234,90 @@ def read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray
     return images, labels.astype(np.int64, copy=False)
 
 
+SUBSET_SEED = 0  # `--limit` draws the same images every run
+
+
+def balanced_indices(labels: np.ndarray, size: int, seed: int = SUBSET_SEED) -> np.ndarray:
+    """`size` positions as even across classes as the labels allow, drawn by a seeded generator, ascending.
+
+    Round-robin over per-class shuffled queues (class by class in label order, one image each round),
+    so every class gets `size // classes` or one more until a class runs out; what a class lacks the
+    others fill. A first-N subset of a class-per-folder dataset holds only the first classes.
+    """
+    labels = np.asarray(labels)
+    size = min(int(size), len(labels))
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    round_of = np.empty(len(labels), dtype=np.int64)  # which round of the round-robin takes each image
+    position = np.empty(len(labels), dtype=np.int64)  # the class's place within a round
+    for place, label in enumerate(classes):
+        queue = rng.permutation(np.flatnonzero(labels == label))
+        round_of[queue[::-1]] = np.arange(len(queue))  # the queue is taken from its end
+        position[queue] = place
+    order = np.lexsort((position, round_of))
+    return np.sort(order[:size])
+
+
 @dataclass
 class Dataset:
-    """Labelled (or unlabelled) images, either in memory (uint8 NHWC) or as files on disk."""
+    """Labelled (or unlabelled) images, either in memory (uint8 NHWC) or as files on disk.
+
+    A dataset drawn from a larger one (`subset`, `take`) records how in `sampling` (for the CLI to
+    say so) and, in memory, each image's position in the source (`positions`), so `ids()` still
+    names the source's images.
+    """
 
     name: str
     class_names: tuple[str, ...]
     labels: np.ndarray | None
     images: np.ndarray | None = None  # uint8 (N, H, W, 3) for in-memory datasets
     paths: list[Path] = field(default_factory=list)  # for file datasets
+    sampling: str | None = None  # e.g. "2000 of 10000 images, class-balanced (seed 0)"; None: all of them
+    positions: np.ndarray | None = None  # in-memory images: their indices in the source dataset
 
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else len(self.paths)
 
     def ids(self) -> list[str]:
+        """One name per image: its path, or `<name>[<index in the source>]` for in-memory images."""
         if self.images is not None:
-            return [f"{self.name}[{i}]" for i in range(len(self))]
+            where = range(len(self)) if self.positions is None else self.positions.tolist()
+            return [f"{self.name}[{i}]" for i in where]
         return [str(p) for p in self.paths]
 
-    def subset(self, limit: int | None) -> Dataset:
-        """The first `limit` items (stratified order is the data's own, as torchvision's)."""
-        if limit is None or limit >= len(self):
-            return self
-        if limit < 1:
-            raise UsageError(f"--limit must be positive, got {limit}")
-        return Dataset(
-            name=self.name, class_names=self.class_names,
-            labels=None if self.labels is None else self.labels[:limit],
-            images=None if self.images is None else self.images[:limit],
-            paths=self.paths[:limit],
+    def take(self, indices: np.ndarray | Sequence[int], sampling: str | None = None) -> Dataset:
+        """The images at `indices`, in that order (labels, paths and source positions follow)."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        positions = None
+        if self.images is not None:
+            positions = indices if self.positions is None else self.positions[indices]
+        return replace(
+            self, labels=None if self.labels is None else self.labels[indices],
+            images=None if self.images is None else self.images[indices],
+            paths=[self.paths[i] for i in indices] if self.paths else [],
+            sampling=sampling if sampling is not None else self.sampling, positions=positions,
         )
+
+    def subset_indices(self, limit: int | None, seed: int = SUBSET_SEED) -> np.ndarray:
+        """The positions `subset(limit)` keeps: class-balanced and seeded with labels, else the first."""
+        if limit is not None and limit < 1:
+            raise UsageError(f"--limit must be positive, got {limit}")
+        if limit is None or limit >= len(self):
+            return np.arange(len(self))
+        if self.labels is None:
+            return np.arange(limit)
+        return balanced_indices(self.labels, limit, seed)
+
+    def subset(self, limit: int | None, seed: int = SUBSET_SEED) -> Dataset:
+        """At most `limit` images: a seeded, class-balanced draw kept in the dataset's order (the first
+        `limit` when there are no labels). What was drawn is recorded in `sampling`."""
+        indices = self.subset_indices(limit, seed)
+        if len(indices) == len(self):
+            return self
+        how = (f"class-balanced (seed {seed})" if self.labels is not None
+               else "the first ones (no labels to balance by)")
+        sampling = f"{len(indices)} of {len(self)} images, {how}"
+        return self.take(indices, sampling if self.sampling is None else f"{sampling}; of {self.sampling}")
 
     def uint8_batches(self, card: ModelCard, batch_size: int, workers: int | None = None,
                       device: str = "cpu") -> Iterator[Any]:
@@ -304,7 +358,7 @@ class Dataset:
                 f"{list(class_names)} (unknown to the model: {unknown})"
             )
         mapping = np.array([index[n] for n in self.class_names], dtype=np.int64)
-        return Dataset(self.name, tuple(class_names), mapping[self.labels], self.images, self.paths)
+        return replace(self, class_names=tuple(class_names), labels=mapping[self.labels])
 
 
 # --- CIFAR ------------------------------------------------------------------------------------

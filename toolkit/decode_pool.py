@@ -5,20 +5,25 @@ nothing to start; processes were measured against them (bench/bench_gpu.py `deco
 the figures in the README's GPU section) and are kept as an option (`kind="process"`) for
 machines where a decoder holds the GIL. Work is submitted a bounded window ahead of the consumer,
 so the pool never idles at batch boundaries and memory stays bounded.
+
+Batches are decoded in runs of consecutive files, one task per run (`chunk`): a 32x32 JPEG costs
+Pillow about 100 µs, about as much as handing one future between two threads, so one task per file
+spent half the decoding CPU on the hand-over (bench/bench_folder.py; issue 18 item 6).
 """
 
 from __future__ import annotations
 
-import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import numpy as np
 
 from .errors import UsageError
+from .runtime.cpu import usable_cores
 
 if TYPE_CHECKING:  # pragma: no cover
     from .card import ModelCard
@@ -26,14 +31,12 @@ if TYPE_CHECKING:  # pragma: no cover
 T = TypeVar("T")
 R = TypeVar("R")
 POOL_KINDS = ("thread", "process")
+MAX_CHUNK = 32  # files per task in `batches`: the hand-over cost spread, every worker still busy
 
 
 def default_workers() -> int:
-    """The cores this process may run on (its CPU affinity, else os.cpu_count())."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    """The cores this process may run on (toolkit/runtime/cpu.py counts them for every pool)."""
+    return usable_cores()
 
 
 def resolve_workers(workers: int | None) -> int:
@@ -55,6 +58,25 @@ def load_uint8(path: Path, card: ModelCard) -> np.ndarray:
     return to_uint8(decode_image(path, draft_size=(card.resize_size, card.resize_size)), card)
 
 
+def _run(fn: Callable[[T], R], items: Sequence[T]) -> list[tuple[bool, Any]]:
+    """fn over a run of items in one task: (True, result) or (False, its exception) per item, so each
+    error is raised at its own item's position (module-level: a process pool pickles it)."""
+    out: list[tuple[bool, Any]] = []
+    for item in items:
+        try:
+            out.append((True, fn(item)))
+        except Exception as exc:  # noqa: BLE001 - re-raised where the consumer reaches this item
+            out.append((False, exc))
+    return out
+
+
+def _unpack(results: list[tuple[bool, Any]]) -> Iterator[Any]:
+    for ok, value in results:
+        if not ok:
+            raise value
+        yield value
+
+
 class DecodePool:
     """`map` a function over items on `workers` threads (default) or processes, in order.
 
@@ -69,7 +91,7 @@ class DecodePool:
         self.kind = kind
         self._executor: Executor | None = None
 
-    def __enter__(self) -> DecodePool:  # noqa: PYI034 - typing.Self needs 3.11
+    def __enter__(self) -> Self:
         if self.kind == "process":
             import multiprocessing
 
@@ -85,30 +107,35 @@ class DecodePool:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
-    def map(self, fn: Callable[[T], R], items: Iterable[T], window: int | None = None) -> Iterator[R]:
-        """fn(item) for each item, in order, at most `window` (default 4 per worker) in flight."""
+    def map(self, fn: Callable[[T], R], items: Iterable[T], window: int | None = None,
+            chunk: int = 1) -> Iterator[R]:
+        """fn(item) for each item, in order, at most about `window` items (default 4 per worker) in
+        flight, in tasks of `chunk` consecutive items."""
         if self._executor is None:
             with self:
-                yield from self.map(fn, items, window)
+                yield from self.map(fn, items, window, chunk)
             return
         executor = self._executor
-        ahead = max(1, window or 4 * self.workers)
-        pending: deque[Future[R]] = deque()
+        chunk = max(1, chunk)
+        ahead = max(1, -(-(window or 4 * self.workers) // chunk))  # in tasks
+        pending: deque[Future[list[tuple[bool, Any]]]] = deque()
         iterator = iter(items)
         try:
-            for item in iterator:
-                pending.append(executor.submit(fn, item))
+            while part := list(islice(iterator, chunk)):
+                pending.append(executor.submit(_run, fn, part))
                 if len(pending) >= ahead:
-                    yield pending.popleft().result()
+                    yield from _unpack(pending.popleft().result())
             while pending:
-                yield pending.popleft().result()
+                yield from _unpack(pending.popleft().result())
         finally:
             for future in pending:
                 future.cancel()
 
     def batches(self, fn: Callable[[T], np.ndarray], items: list[T], batch_size: int) -> Iterator[np.ndarray]:
-        """Stacked batches of fn(item), in order; the window spans batch boundaries."""
-        results = self.map(fn, items, window=max(4 * self.workers, batch_size + 2 * self.workers))
+        """Stacked batches of fn(item), in order; the window spans batch boundaries, tasks are runs of
+        up to `MAX_CHUNK` files (fewer when that would leave a worker without a share of a batch)."""
+        chunk = max(1, min(MAX_CHUNK, batch_size // self.workers))
+        results = self.map(fn, items, window=batch_size + 2 * self.workers * chunk, chunk=chunk)
         for start in range(0, len(items), batch_size):
             count = min(batch_size, len(items) - start)
             yield np.stack([next(results) for _ in range(count)])

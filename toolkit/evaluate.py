@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -175,7 +175,7 @@ def align_dataset(dataset: Dataset, card: ModelCard) -> Dataset:
     except DataError:
         generic = card.class_names == generic_class_names(card.num_classes)
         if generic and len(dataset.class_names) == card.num_classes:
-            return Dataset(dataset.name, card.class_names, dataset.labels, dataset.images, dataset.paths)
+            return replace(dataset, class_names=card.class_names)
         raise
 
 
@@ -205,6 +205,11 @@ class EvalReport:
         return self.metrics.accuracy
 
     @property
+    def sampling(self) -> str | None:
+        """How the images were drawn from the dataset (`--limit`), or None when all were used."""
+        return self.data.sampling if self.data is not None else None
+
+    @property
     def images_per_second(self) -> float:
         return self.timing.images_per_second
 
@@ -227,6 +232,7 @@ class EvalReport:
             "device": self.device,
             "precision": self.precision,
             "dataset": self.dataset,
+            "sampling": self.sampling,
             "batch_size": self.batch_size,
             "calibration": self.calibration.to_dict(),
             "errors": {"misclassified": int(self.metrics.num_samples - np.trace(self.metrics.matrix)),
@@ -287,15 +293,15 @@ def evaluate(runner: Runner, dataset: Dataset, batch_size: int = 256,
 
 def precision_agreement(reference: Runner, report: EvalReport, *, limit: int = 512,
                         batch_size: int = 256) -> dict[str, Any]:
-    """A reduced-precision eval judged against `reference` (its fp32 runner) on the first `limit`
-    images, as an export's verification judges fp16: top-1 agreement and both accuracies."""
+    """A reduced-precision eval judged against `reference` (its fp32 runner) on `limit` of its images
+    (drawn as `--limit` draws them): top-1 agreement and both accuracies."""
     if report.data is None:
         raise DataError("the report keeps no inputs to compare on")
-    data = report.data.subset(limit)
-    ref = collect_logits(reference, data, batch_size)
+    chosen = report.data.subset_indices(limit)
+    ref = collect_logits(reference, report.data.take(chosen), batch_size)
     n = len(ref)
-    predicted = report.predictions[:n]
-    labels = report.labels[:n]
+    predicted = report.predictions[chosen]
+    labels = report.labels[chosen]
     return {"reference_precision": reference.precision, "precision": report.precision, "num_samples": n,
             "top1_agreement": float((ref.argmax(1) == predicted).mean()) if n else 1.0,
             "reference_accuracy": top1_accuracy(ref, labels), "accuracy": float((predicted == labels).mean())

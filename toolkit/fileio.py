@@ -11,6 +11,8 @@ Every output of the toolkit goes through here:
 - `staging_dir(dest, kind)` / `clean_stale(dest, kind)`: private working folders named
   `.<name>.<kind>-<pid>-<random>`, so the next run can tell a dead process's leftovers (removed) from
   a live concurrent one's (kept);
+- `publish_staged` / `publish_model_folder`: an export's staged files moved into place (companions
+  first, the artifact last; a model folder by `swap_in`), or aside when it failed its check;
 - `artifact_size(path)`: the bytes an artifact occupies, companions included;
 - `os_error(exc, path)`: a failed write as one line; a full disk is `NoSpaceError`
   ("no space left on <path>").
@@ -29,7 +31,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ExportError, NoSpaceError, ToolkitError
+from .errors import ExportError, NoSpaceError, ToolkitError, UsageError
 
 # Files that travel with an artifact under `<name><suffix>`: ONNX external data, the card sidecar
 # (toolkit/card.py CARD_SUFFIX), the artifact-facts sidecar. `artifact_size` counts them.
@@ -287,6 +289,89 @@ def atomic_directory(destination: str | Path, *, kind: str = "staging") -> Itera
         if mapped is not None:
             raise mapped from None
         raise
+
+
+# --- publishing what an export staged ------------------------------------------------------------
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (the same inode: a hard link counts); False if either is missing."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_not_input(target: Path, source: Path) -> None:
+    """Publishing to `target` must not replace or delete `source` (itself, or a folder holding it)."""
+    if same_file(target, source):
+        raise UsageError(f"the output {target} is the input checkpoint; choose another -o")
+    if target.is_dir() and not target.is_symlink():
+        try:
+            source.resolve().relative_to(target.resolve())
+        except ValueError:
+            return
+        raise UsageError(f"the output {target} holds the input checkpoint {source}; choose another -o")
+
+
+def aside_path(output: Path, tag: str) -> Path:
+    """model.int8.onnx -> model.int8.<tag>.onnx; model_repo -> model_repo.<tag>."""
+    if output.suffix and not output.is_dir():
+        return output.with_name(f"{output.stem}.{tag}{output.suffix}")
+    return output.with_name(f"{output.name}.{tag}")
+
+
+def _publish_entry(entry: Path, target: Path) -> None:
+    """One staged file by rename, one staged folder by `swap_in`; a file never replaces a folder or back."""
+    if entry.is_dir() and not entry.is_symlink():
+        if target.exists() and not target.is_dir():
+            raise ExportError(f"{target} is a file; refusing to replace it with a folder")
+        swap_in(entry, target)
+    else:
+        if target.is_dir() and not target.is_symlink():
+            raise ExportError(f"{target} is a folder; refusing to replace it with a file")
+        os.replace(entry, target)
+
+
+def publish_staged(staging: Path, artifact: Path, source: Path, *, passed: bool, aside_tag: str) -> Path:
+    """Move what a writer staged into `artifact`'s folder (companions first, the artifact last), so a
+    reader never finds the artifact without its companions; or, when it failed its check, aside under
+    `aside_tag` (one file: `aside_path`; several that name each other: together in one folder).
+    Returns where the artifact is now. Nothing replaces or deletes `source`."""
+    entries = sorted(staging.iterdir(), key=lambda p: p.name == artifact.name)
+    for entry in entries:
+        check_not_input(artifact.parent / entry.name, source)
+    if passed:
+        for entry in entries:
+            _publish_entry(entry, artifact.parent / entry.name)
+        return artifact
+    if len(entries) == 1 and entries[0].name == artifact.name:
+        aside = aside_path(artifact, aside_tag)
+        check_not_input(aside, source)
+        _publish_entry(entries[0], aside)
+        return aside
+    aside = artifact.with_name(f"{artifact.name}.{aside_tag}")
+    check_not_input(aside, source)
+    if os.path.lexists(aside):
+        _remove(aside)
+    os.replace(staging, aside)
+    return aside / artifact.name
+
+
+def publish_model_folder(staging: Path, artifact: Path, repository: Path, source: Path, *, passed: bool,
+                         aside_tag: str) -> Path:
+    """A staged model folder goes into `repository` by one exchange (`swap_in`); a failed one into the
+    sibling repository `<repository>.<aside_tag>/`, so the served repository never holds it."""
+    check_not_input(artifact, source)
+    built = staging / artifact.name
+    if passed:
+        _publish_entry(built, artifact)
+        return artifact
+    aside_repository = repository.with_name(f"{repository.resolve().name}.{aside_tag}")
+    aside = aside_repository / artifact.name
+    check_not_input(aside, source)
+    aside_repository.mkdir(exist_ok=True)
+    _publish_entry(built, aside)
+    return aside
 
 
 # --- sizes --------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ class KnownWeights:
     sha256: str
     url: str
     arch: str
-    classes: str  # a preset name: imagenet, cifar10, cifar100
+    classes: str | tuple[str, ...]  # a preset name (imagenet, cifar10, cifar100) or the names themselves
     input_size: int
     resize_size: int
     interpolation: str
@@ -50,11 +50,15 @@ class KnownWeights:
         return f"{self.publisher} {self.name}"
 
     def matches(self, digest: str) -> bool:
-        return digest.lower().startswith(self.sha256)
+        """A file's digest against this entry's (either may be the published 8-hex prefix)."""
+        digest = digest.lower()
+        shorter = min(len(digest), len(self.sha256))
+        return shorter >= MIN_DIGEST_PREFIX and digest[:shorter] == self.sha256[:shorter]
 
     def card_fields(self) -> dict[str, Any]:
         """This entry as a layer of the card (ModelCard field names)."""
-        return {"class_names": tuple(preset(self.classes)["class_names"]),
+        names = tuple(preset(self.classes)["class_names"]) if isinstance(self.classes, str) else self.classes
+        return {"class_names": names,
                 "input_size": (3, self.input_size, self.input_size), "resize_size": self.resize_size,
                 "interpolation": self.interpolation, "mean": self.mean, "std": self.std}
 
@@ -69,7 +73,7 @@ def parse_entry(data: Mapping[str, Any]) -> KnownWeights:
         entry = KnownWeights(
             publisher=str(data["publisher"]), name=str(data["name"]), file=str(data["file"]),
             sha256=str(data["sha256"]).lower(), url=str(data["url"]), arch=str(data["arch"]),
-            classes=str(data["classes"]), input_size=int(data["input_size"]),
+            classes=_classes(data["classes"]), input_size=int(data["input_size"]),
             resize_size=int(data["resize_size"]), interpolation=str(data["interpolation"]),
             mean=_triple(data["mean"]), std=_triple(data["std"]), top1=float(data["top1"]),
             dataset=str(data["dataset"]), source=str(data["source"]), shortcut=data.get("shortcut"),
@@ -79,8 +83,8 @@ def parse_entry(data: Mapping[str, Any]) -> KnownWeights:
     problems = []
     if len(entry.sha256) < MIN_DIGEST_PREFIX or any(c not in "0123456789abcdef" for c in entry.sha256):
         problems.append(f"sha256 must be at least {MIN_DIGEST_PREFIX} hex digits")
-    if entry.classes not in PRESETS:
-        problems.append(f"classes must be one of {', '.join(PRESETS)}")
+    if isinstance(entry.classes, str) and entry.classes not in PRESETS:
+        problems.append(f"classes must be one of {', '.join(PRESETS)} or a list of names")
     if entry.interpolation not in INTERPOLATIONS:
         problems.append(f"interpolation must be one of {', '.join(INTERPOLATIONS)}")
     if entry.shortcut not in (None, "A", "B"):
@@ -90,6 +94,14 @@ def parse_entry(data: Mapping[str, Any]) -> KnownWeights:
     if problems:
         raise DataError(f"known weights entry {entry.file}: " + "; ".join(problems))
     return entry
+
+
+def _classes(value: Any) -> str | tuple[str, ...]:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, Sequence) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"classes must be a preset name or a list of names, got {value!r}")
+    return tuple(value)
 
 
 def _triple(value: Any) -> tuple[float, float, float]:

@@ -19,9 +19,14 @@ EXPORT_FORMATS: dict[str, str] = {
     "onnx": "export.pipeline:ONNX",
     "tensorrt": "export.tensorrt:FORMAT",
     "triton": "export.triton:FORMAT",
+    "pt2": "export.torch_export:FORMAT",
+    "aoti": "export.aoti:FORMAT",
 }
-# numeric precisions an export can carry (fp16/int8 live in the ONNX itself, also on the TensorRT road)
-EXPORT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+# numeric precisions an export can carry (fp16/int8 live in the ONNX itself, also on the TensorRT road;
+# bf16 only in torch.export programs and AOTInductor packages)
+EXPORT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+# what an ONNX file (and the TensorRT engines and Triton models built from one) can carry
+ONNX_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 # int8 range estimation, as export.quantize names them
 CALIB_METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
 # datasets for --dataset / --calib-dataset (toolkit.data.load_dataset reads each)
@@ -30,3 +35,5 @@ DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "folder", "sample")
 RUN_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 # torch.compile modes (--compile)
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
+# the tensor names of every export (ONNX graph, TorchScript facts, engines) and of the v2 wire
+INPUT_NAME, OUTPUT_NAME = "input", "logits"

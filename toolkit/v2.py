@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .names import INPUT_NAME, OUTPUT_NAME  # noqa: F401 - the wire's tensor names, for the server's codec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-# Tensor names of toolkit ONNX exports and Triton repositories, and the config parameter with the card.
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+# The Triton config parameter that carries the card.
 CARD_PARAMETER = "toolkit.card"
 
 # v2 datatype <-> numpy. BF16 has no numpy dtype and is refused with a message.

@@ -165,8 +165,9 @@ def _resolve_card(ckpt: LoadedCheckpoint, info: ArchInfo, flags: CardFlags, repo
     report.card, known = checkpoint_card(ckpt, info, flags, sidecar=sidecar)
     if known is not None:
         report.recognised = known.summary()
-        report.add("info", "recognised", f"recognised: {known.label}, published top-1 {known.top1:g} % "
-                   f"({known.dataset}); its preprocessing is the card's unless a flag says otherwise")
+        report.add("info", "recognised", f"{known.label}, published top-1 {known.top1:g} % "
+                   f"({known.dataset}); "
+                   "the card has its publisher's preprocessing unless a flag says otherwise")
 
 
 def _check_tensors(ckpt: LoadedCheckpoint, report: ValidationReport) -> None:

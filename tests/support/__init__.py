@@ -1,1 +1,2 @@
-"""Helpers shared by several test modules: CLI invocation, generated datasets (no fakes: see tests/fakes)."""
+"""Helpers shared by several test modules: CLI invocation, generated datasets, a running server
+(support.serve) (no fakes: see tests/fakes)."""

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from .common import DatasetName, DeviceName, choices
+from .common import DatasetName, DeviceName, choices, show_notices
 from .evaluate import compare_command, eval_command
 from .export import CalibMethod, ExportFormat, Precision, benchmark_command, export, info
 from .groups import BackendName, RunPrecision
@@ -47,6 +47,7 @@ def root(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Validate, export, evaluate, predict and serve ResNet/ResNeXt image classifiers."""
+    show_notices()
 
 
 app.command()(validate)

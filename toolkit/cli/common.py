@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import logging
 import sys
 import tomllib
 from collections.abc import Callable, Iterable
@@ -45,6 +46,22 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 def note(message: str) -> None:
     """One dim line on stderr: what the command decided for the user (a default, a subset)."""
     console(stderr=True).print(message, style="dim")
+
+
+class _NoticeHandler(logging.Handler):
+    """The library's notices (`toolkit.notice`: a flag overriding an artifact's card...) as dim lines
+    on whatever stderr is now (CliRunner swaps it per call)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        note(record.getMessage())
+
+
+def show_notices() -> None:
+    """Route `toolkit.notice` to the terminal, once, whatever logging the process has set up."""
+    notices = logging.getLogger("toolkit.notice")
+    if not any(isinstance(h, _NoticeHandler) for h in notices.handlers):
+        notices.addHandler(_NoticeHandler())
+        notices.propagate = False
 
 
 def handles_errors(func: F) -> F:
@@ -161,7 +178,8 @@ def require_dataset(dataset: Any, model: str | None) -> Any:
     if dataset is not None:
         return dataset
     if model:
-        raise UsageError("--dataset is required with -m: cifar10, cifar100, folder (with --data-dir) or sample")
+        raise UsageError("--dataset is required with -m: cifar10, cifar100, folder (with --data-dir) "
+                         "or sample")
     return DatasetName["sample"]
 
 

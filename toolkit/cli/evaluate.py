@@ -1,4 +1,4 @@
-"""`toolkit eval` and `toolkit compare`: metrics of any artifact on a labelled dataset, alone or side by side."""
+"""`toolkit eval` and `toolkit compare`: metrics of any artifact on labelled images, alone or side by side."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`toolkit export`, `toolkit benchmark` and `toolkit info`: writing artifacts, comparing them, describing them."""
+"""`toolkit export`, `benchmark` and `info`: writing artifacts, comparing them, describing them."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from .common import (
     DataDirOpt,
     DatasetName,
     DatasetOpt,
-    DeviceOpt,
     DeviceName,
+    DeviceOpt,
     JsonOpt,
     LimitOpt,
     ModelOpt,

@@ -100,7 +100,8 @@ class RunnerOptions:
         "--trt", help="onnxruntime on cuda: ONNX Runtime's TensorRT execution provider (engines cached in "
         "--trt-cache).", rich_help_panel=RUN)] = False
     trt_cache: Annotated[Path | None, typer.Option(
-        help="--trt: engine cache folder. Default: ~/.cache/resnet-toolkit/ort-trt.", rich_help_panel=RUN)] = None
+        help="--trt: engine cache folder. Default: ~/.cache/resnet-toolkit/ort-trt.",
+        rich_help_panel=RUN)] = None
 
     def speed_options(self, batch_size: int | None = None) -> dict[str, Any]:
         """The runner options the user set (only those, so other backends are not offered them)."""
@@ -161,10 +162,12 @@ class EngineOptions:
         help="Where the work runs: local (this process) or ray (Ray Data on a local or existing Ray cluster; "
         "resumable).", rich_help_panel=ENGINE)] = EngineName[DEFAULT_ENGINE]
     address: Annotated[str | None, typer.Option(
-        help="--engine ray: the cluster to join, 'auto' (RAY_ADDRESS or the running one) or ray://host:10001. "
+        help="--engine ray: the cluster to join, 'auto' (RAY_ADDRESS or the running one) or "
+        "ray://host:10001. "
         "Default: start one here.", rich_help_panel=ENGINE)] = None
     replicas: Annotated[int | None, typer.Option(
-        min=1, help="--engine ray: model replicas (actors). Default: one per GPU with --device cuda, else one "
+        min=1, help="--engine ray: model replicas (actors). Default: one per GPU with --device cuda, else "
+        "one "
         "per 4 CPUs.", rich_help_panel=ENGINE)] = None
     shard_size: Annotated[int | None, typer.Option(
         min=1, help="--engine ray: rows per output shard (predictions/part-NNNNN.parquet). Default: 1000.",

@@ -44,12 +44,14 @@ class ServeLimits:
         min=1, help="Threads per front-end process that decode and preprocess images.",
         rich_help_panel=LIMITS)] = 2
     reject_nonfinite: Annotated[bool, typer.Option(
-        help="Answer 400 to v2 inputs holding NaN/Inf (Triton accepts them).", rich_help_panel=LIMITS)] = False
+        help="Answer 400 to v2 inputs holding NaN/Inf (Triton accepts them).",
+        rich_help_panel=LIMITS)] = False
 
     def config_fields(self) -> dict[str, Any]:
         fields = asdict(self)
         read_timeout = fields.pop("read_timeout_s")
-        return {**fields, "decode_workers": fields.pop("decode_threads"), "header_timeout_s": read_timeout,
+        decode_workers = fields.pop("decode_threads")
+        return {**fields, "decode_workers": decode_workers, "header_timeout_s": read_timeout,
                 "body_timeout_s": 3 * read_timeout}
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..card import ModelCard
 from ..data import Dataset
-from ..errors import BackendUnavailableError, ToolkitError, UsageError
+from ..errors import BackendUnavailableError, ToolkitError, UsageError, first_line
 from ..evaluate import EvalReport, LoopTiming, PredictInput, align_dataset, softmax, top_k_entries
 from ..images import decode_image
 from ..metrics import Calibration, ConfusionMatrix
@@ -95,7 +95,7 @@ def cluster(address: str | None = None) -> Iterator[Any]:
         ray.init(address=address, **options)
     except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError, grpc errors...
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
-        raise BackendUnavailableError(f"cannot start or reach {where}: {_first_line(exc)}") from None
+        raise BackendUnavailableError(f"cannot start or reach {where}: {first_line(exc)}") from None
     try:
         yield ray
     finally:
@@ -134,11 +134,6 @@ def default_replicas(ray: Any, device: str) -> int:
             raise BackendUnavailableError("--device cuda: the Ray cluster has no GPUs; use --device cpu")
         return gpus
     return max(1, int(resources.get("CPU", 1)) // CPUS_PER_REPLICA)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _toolkit_cause(exc: BaseException) -> ToolkitError | None:
@@ -282,7 +277,7 @@ def _stream(ray: Any, spec: RunnerSpec, card: ModelCard, tables: list[Any], *, i
         cause = _toolkit_cause(exc)
         if cause is not None:
             raise type(cause)(str(cause)) from None
-        raise ToolkitError(f"the Ray job failed: {_first_line(exc)}") from None
+        raise ToolkitError(f"the Ray job failed: {first_line(exc)}") from None
 
 
 def _by_shard(store: ShardStore, blocks: Iterable[dict[str, np.ndarray]],

@@ -100,10 +100,10 @@ class Runner(ABC):
 
     def warm_up(self, calls: int = 1) -> Self:
         """Run `calls` batches of zeros (the fixed batch size, else one image) before anyone times the
-        runner, and return it: sessions allocate their arenas, GPU providers load and pick kernels.
-        Backends end `open` with it (their `warmup` option; the torch runners warm up their own way:
-        the profiling executor's calls, CUDA graphs and compiled code at the fixed batch size). A
-        model that loads but cannot run fails here, naming the file, and the runner is closed."""
+        runner, and return it: sessions allocate their arenas, GPU providers load and pick kernels,
+        torch captures its graphs and compiles. Every backend ends `open` with it (its `warmup`
+        option), so constructors only store. A model that loads but cannot run fails here, naming
+        the file, and the runner is closed."""
         try:
             for _ in range(calls):
                 self._warm_up_once()
@@ -116,7 +116,8 @@ class Runner(ABC):
         return self
 
     def _warm_up_once(self) -> None:
-        """One warm-up call; a backend whose real batches take another path than one image overrides it."""
+        """One warm-up call; a backend whose real batches take another path than one image overrides it
+        (OpenVINO's split batches; torch's uint8 path and fixed capture shape)."""
         self(np.zeros((self.fixed_batch_size or 1, *self.card.input_size), np.float32))
 
     @abstractmethod
@@ -131,7 +132,7 @@ class Runner(ABC):
                 "precision": self.precision, "fixed_batch_size": self.fixed_batch_size,
                 "max_batch_size": self.max_batch_size}
 
-    def __enter__(self) -> Runner:  # noqa: PYI034 - typing.Self needs 3.11; the project supports 3.10
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import ArtifactFacts, check_declared_input, read_artifact
+from ..artifacts import ArtifactFacts, check_declared_input, read_onnx
 from ..card import ModelCard
 from ..errors import BackendUnavailableError, ModelFormatError, UsageError, first_line
 from .base import Runner
@@ -109,7 +109,7 @@ class OnnxRuntimeRunner(Runner):
         except ImportError:
             raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from None
         path = Path(path)
-        card, facts = read_artifact(path, "onnx")
+        card, facts = read_onnx(path)
         check_declared_input(card, facts.inputs[0].shape if facts.inputs else (), path, "the ONNX graph")
         providers = providers_for(device, ort.get_available_providers(), use_tensorrt,
                                   precision=facts.precision or "fp32", trt_cache=trt_cache)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import ArtifactFacts, check_declared_input, read_artifact
+from ..artifacts import ArtifactFacts, check_declared_input, read_onnx
 from ..card import ModelCard
 from ..errors import BackendUnavailableError, ModelFormatError, UsageError, first_line
 from .base import Runner
@@ -69,7 +69,7 @@ class OpenVINORunner(Runner):
         if hint not in HINTS:
             raise UsageError(f"unknown OpenVINO hint {hint!r}; choose one of {', '.join(HINTS)}")
         path = Path(path)
-        card, facts = read_artifact(path, "onnx")
+        card, facts = read_onnx(path)
         core = ov.Core()
         try:
             model = core.read_model(str(path))

@@ -7,23 +7,28 @@ add one line to `BACKENDS`: name -> `Backend("module:Class", reads=(formats...))
 `--backend` choices, `open_model` and the formats' reader lists all come from here. Modules are
 imported only when used, so opening an ONNX file never imports torch.
 
-`FORMATS` describes the artifact formats: the suffixes that name them, and the Triton platform
-that serves them. Which backends read a format, the first being the default, follows from
-`BACKENDS` (`readers(fmt)`). export/pipeline.py's `FormatSpec`s refer to these by name.
+`FORMATS` describes the artifact formats: the suffixes that name them, the Triton platform that
+serves them, and the function that reads a file's card and facts (`read_artifact`, the one reader:
+`toolkit info`, the Triton exporter and the engines use it). Which backends run a format, the first
+being the default, follows from `BACKENDS` (`readers(fmt)`). export/pipeline.py's `FormatSpec`s
+refer to these by name. Adding a format is one `FORMATS` line, its reader and its backend.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelFormatError, UsageError
+from ..sniff import sniff_torch
 
 if TYPE_CHECKING:
+    from ..artifacts import ArtifactFacts
+    from ..card import ModelCard
     from .base import Runner
 
 
@@ -38,6 +43,7 @@ class ArtifactFormat:
     name: str
     suffixes: tuple[str, ...]  # lower-case; content decides between torch formats sharing ".pt"
     triton_platform: str | None = None  # config.pbtxt `platform` for a Triton repository
+    facts_reader: str | None = None  # "module:function": path -> (card, facts), imported on first use
 
     @property
     def readers(self) -> tuple[str, ...]:
@@ -51,18 +57,30 @@ BACKENDS: dict[str, Backend] = {
     "onnxruntime": Backend("toolkit.runtime.onnxruntime_runner:OnnxRuntimeRunner", ("onnx",)),
     "openvino": Backend("toolkit.runtime.openvino_runner:OpenVINORunner", ("onnx",)),
     "tensorrt": Backend("toolkit.runtime.tensorrt_runner:TensorRTRunner", ("tensorrt",)),
+    "pt2": Backend("toolkit.runtime.pt2_runner:ExportedProgramRunner", ("pt2",)),
+    "aoti": Backend("toolkit.runtime.aoti_runner:AOTInductorRunner", ("aoti",)),
     "remote": Backend("toolkit.runtime.remote_runner:RemoteRunner", ("remote",)),
 }
 
+# Readers of exported files read bytes (toolkit.artifacts, no torch); a checkpoint's card is resolved
+# from its weights by the torch backend, which is why that reader lives there.
 FORMATS: dict[str, ArtifactFormat] = {
     "checkpoint": ArtifactFormat("checkpoint",
-                                 (".pt", ".pth", ".ckpt", ".safetensors", ".th", ".bin", ".tar")),
-    "torchscript": ArtifactFormat("torchscript", (".ts", ".torchscript", ".pt"), "pytorch_libtorch"),
-    "onnx": ArtifactFormat("onnx", (".onnx",), "onnxruntime_onnx"),
-    "tensorrt": ArtifactFormat("tensorrt", (".engine", ".plan"), "tensorrt_plan"),
+                                 (".pt", ".pth", ".ckpt", ".safetensors", ".th", ".bin", ".tar"),
+                                 facts_reader="toolkit.runtime.torch_runner:read_checkpoint"),
+    "torchscript": ArtifactFormat("torchscript", (".ts", ".torchscript", ".pt"), "pytorch_libtorch",
+                                  facts_reader="toolkit.artifacts:read_torchscript"),
+    "onnx": ArtifactFormat("onnx", (".onnx",), "onnxruntime_onnx",
+                           facts_reader="toolkit.artifacts:read_onnx"),
+    "tensorrt": ArtifactFormat("tensorrt", (".engine", ".plan"), "tensorrt_plan",
+                               facts_reader="toolkit.artifacts:read_engine"),
+    # both are PT2 archives (.pt2): the content tells them apart (toolkit.pt2_archive)
+    "pt2": ArtifactFormat("pt2", (".pt2",), facts_reader="toolkit.pt2_archive:read_pt2"),
+    "aoti": ArtifactFormat("aoti", (".aoti.pt2", ".pt2"), facts_reader="toolkit.pt2_archive:read_pt2"),
     "remote": ArtifactFormat("remote", ()),
 }
 CHECKPOINT_SUFFIXES = FORMATS["checkpoint"].suffixes
+TRITON_FOLDER_FORMATS = ("onnx", "tensorrt")  # what a Triton model folder holds (`triton_model_file`)
 # Suffixes that name a torch checkpoint only when the content says so (Hugging Face .bin, tarballs...).
 CONTENT_CHECKED_SUFFIXES = (".th", ".bin", ".tar")
 
@@ -77,39 +95,6 @@ def backend_names() -> tuple[str, ...]:
 
 
 # --- telling formats apart ------------------------------------------------------------------------
-
-def sniff_torch(path: Path) -> str | None:
-    """"torchscript" | "checkpoint" | None from the first bytes (and a zip's member names).
-
-    torch.save writes a zip holding `<archive>/data.pkl` (TorchScript adds `code/` and
-    `constants.pkl`), or, in the legacy format, a pickle (protocol 2+: b"\\x80\\x02"...);
-    safetensors starts with an 8-byte little-endian header length and a JSON object.
-    """
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(16)
-    except OSError:
-        return None
-    if head.startswith(b"PK\x03\x04"):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return None
-        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
-            return "torchscript"
-        return "checkpoint" if any(n.endswith("data.pkl") for n in names) else None
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "checkpoint"
-    if is_safetensors_head(head):
-        return "checkpoint"
-    return None
-
-
-def is_safetensors_head(head: bytes) -> bool:
-    """safetensors files open with an 8-byte little-endian header length, then a JSON object."""
-    return len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100 * 1024**2
-
 
 def triton_model_file(directory: Path) -> Path:
     """The newest version's model file inside a Triton model directory (or a one-model repository)."""
@@ -139,7 +124,11 @@ def detect_format(model: str | Path) -> str:
     if text.startswith(("http://", "https://")):
         return "remote"
     path = Path(model)
-    if path.is_dir():
+    if path.is_dir():  # a Triton model folder, or a timm/transformers one (a checkpoint)
+        from ..checkpoint_formats.folders import folder_kind
+
+        if folder_kind(path) != "triton":  # an unknown folder: ModelFormatError saying what was looked for
+            return "checkpoint"
         return detect_format(triton_model_file(path))
     if not path.exists():
         raise ModelFormatError(f"model not found: {path}")
@@ -149,6 +138,10 @@ def detect_format(model: str | Path) -> str:
     suffix = path.suffix.lower()
     named = [f.name for f in FORMATS.values() if suffix in f.suffixes]
     torch_family = {"checkpoint", "torchscript"}
+    if {"pt2", "aoti"} & set(named):  # a torch.export program or an AOTInductor package: by content
+        from ..pt2_archive import pt2_format
+
+        return pt2_format(path)
     if named and not set(named) <= torch_family:
         return named[0]
     sniffed = sniff_torch(path) if path.is_file() else None
@@ -162,13 +155,51 @@ def detect_format(model: str | Path) -> str:
     raise _unknown(path, suffix)
 
 
+def require_checkpoint(path: str | Path, *, doing: str) -> Path:
+    """`path` as a Path if it is a training checkpoint, else a UsageError saying what it is instead.
+
+    The one check for commands that start from training weights (validate, export, benchmark):
+    the accepted suffixes come from `FORMATS`, so a format added there is accepted everywhere.
+    """
+    fmt = detect_format(path)
+    if fmt != "checkpoint":
+        suffixes = " ".join(FORMATS["checkpoint"].suffixes)
+        article = "an" if fmt[0] in "aeiou" else "a"
+        raise UsageError(f"`{doing}` needs a training checkpoint ({suffixes}, or a timm/transformers "
+                         f"folder); {path} is {article} {fmt} artifact: use `toolkit info` or "
+                         "`toolkit eval` on it")
+    return Path(path)
+
+
+def read_artifact(path: str | Path, fmt: str | None = None) -> tuple[ModelCard, ArtifactFacts]:
+    """(card, facts) of any artifact file or Triton model folder, through its format's reader.
+
+    `fmt` skips format detection when the caller knows it. Exported files are read from their bytes
+    without torch; checkpoints carry no facts, so theirs are fp32 with the card's I/O.
+    """
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    if path.is_dir() and fmt in TRITON_FOLDER_FORMATS:  # a Triton model folder: its newest model file
+        path = triton_model_file(path)
+    target = FORMATS[fmt].facts_reader if fmt in FORMATS else None
+    if target is None:
+        raise ModelFormatError(f"{path}: {fmt} artifacts carry no facts to read")
+    read: Callable[[Path], tuple[ModelCard, ArtifactFacts]] = _imported(target)
+    return read(path)
+
+
+def _imported(target: str) -> Any:
+    """The object a "module:name" entry of `BACKENDS` or `FORMATS` names, imported now."""
+    module_name, name = target.split(":")
+    return getattr(importlib.import_module(module_name), name)
+
+
 # --- opening --------------------------------------------------------------------------------------
 
 def backend_class(name: str) -> type[Runner]:
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
-    module_name, class_name = BACKENDS[name].target.split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = _imported(BACKENDS[name].target)
     from .base import Runner
 
     if not (isinstance(cls, type) and issubclass(cls, Runner)) or "open" not in _defined(cls):
@@ -204,7 +235,7 @@ def open_model(model: str | Path, backend: str = "auto", device: str = "cpu", **
     elif backend not in allowed:
         raise UsageError(f"backend {backend} cannot run a {fmt} file; use one of: {', '.join(allowed)}")
     path: str | Path = model if fmt == "remote" else Path(model)
-    if isinstance(path, Path) and path.is_dir():
+    if isinstance(path, Path) and path.is_dir() and fmt in TRITON_FOLDER_FORMATS:
         path = triton_model_file(path)
     cls = backend_class(backend)
     valid = backend_options(cls)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import ArtifactFacts, check_declared_input, read_artifact
+from ..artifacts import ArtifactFacts, check_declared_input, read_engine
 from ..card import ModelCard
 from ..errors import BackendUnavailableError, InputError, ModelFormatError, UsageError
 from .base import Runner
@@ -239,7 +239,7 @@ class TensorRTRunner(Runner):
         """Open `model.engine` / `model.plan` with its sidecar card and facts; `warmup`: calls run at
         load (`Runner.warm_up`)."""
         path = Path(path)
-        card, facts = read_artifact(path, "tensorrt")
+        card, facts = read_engine(path)
         env = tensorrt_environment(device, purpose="running a TensorRT engine")
         check_compatible(facts, env, path)
         return cls(path, card, env, facts).warm_up(warmup)

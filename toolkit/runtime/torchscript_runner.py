@@ -5,9 +5,9 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from ..artifacts import read_artifact
+from ..artifacts import read_torchscript
 from ..errors import ModelFormatError, UsageError, first_line
-from .torch_runner import TorchRunner, check_gpu_options, torch_device
+from .torch_runner import RunOptions, TorchRunner, check_gpu_options, torch_device
 
 
 class TorchScriptRunner(TorchRunner):
@@ -33,7 +33,7 @@ class TorchScriptRunner(TorchRunner):
 
         check_gpu_options(device, precision, cuda_graphs, None)
         path = Path(path)
-        card, facts = read_artifact(path, "torchscript")
+        card, facts = read_torchscript(path)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream
@@ -47,10 +47,11 @@ class TorchScriptRunner(TorchRunner):
         if own != "fp32" and precision not in ("fp32", own):
             raise UsageError(f"{path} is a {own} TorchScript archive; --precision {precision} needs the fp32 "
                              "export (or the checkpoint with --backend torch)")
+        options = RunOptions(channels_last=bool(channels_last), cuda_graphs=cuda_graphs,
+                             batch_size=batch_size)
         return cls(module, card, source=str(path), device=device, facts=facts,
-                   precision=own if own != "fp32" else precision, channels_last=bool(channels_last),
-                   cuda_graphs=cuda_graphs, batch_size=batch_size, warmup=warmup,
-                   cast="none" if own != "fp32" else "autocast")
+                   precision=own if own != "fp32" else precision, options=options,
+                   cast="none" if own != "fp32" else "autocast").warm_up(warmup)
 
     def close(self) -> None:
         self.model = None

@@ -1,4 +1,4 @@
-"""Helpers shared by the serve tests (no tests here): a real uvicorn server on a free loopback port."""
+"""Helpers shared by the serve tests: a real uvicorn server on a free loopback port, stand-in runners."""
 
 from __future__ import annotations
 
