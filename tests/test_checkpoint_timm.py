@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from support.weights import perturb_batchnorm_
@@ -21,8 +22,6 @@ from toolkit.archs import ARCHS, build_model
 from toolkit.checkpoint import infer_architecture, load_checkpoint
 from toolkit.errors import ArchitectureError
 from toolkit.runtime.registry import detect_format, open_model
-
-timm = pytest.importorskip("timm")
 
 NUM_CLASSES = 7
 LABELS = [f"label_{i}" for i in range(NUM_CLASSES)]
@@ -48,6 +47,7 @@ def expected_fields(folder) -> dict:
             "resize_size": math.floor(min(size[1:]) / data["crop_pct"])}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "resnet50d", "resnet26d", "resnext50_32x4d"])
 def test_timm_folder_gives_timms_logits_and_config(tmp_path, name):
     folder = tmp_path / name
@@ -66,6 +66,7 @@ def test_timm_folder_gives_timms_logits_and_config(tmp_path, name):
     assert np.abs(ours - theirs).max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_pytorch_model_bin_folder_and_a_bare_state_dict(tmp_path):
     model = save_timm("resnet26d", tmp_path / "bin", safe=False)
     assert not (tmp_path / "bin" / "model.safetensors").exists()
@@ -108,6 +109,7 @@ def test_every_registered_imagenet_name_is_timms_network(name):
     assert infer_architecture(theirs).arch == name
 
 
+@pytest.mark.slow
 def test_timm_eval_transform_equals_the_toolkits_preprocessing(tmp_path):
     """The card fields reproduce timm's own eval transform on an image (exact when the resize is whole)."""
     from PIL import Image
@@ -148,6 +150,7 @@ def test_tensorless_anti_aliasing_is_refused_from_the_config(tmp_path):
         load_checkpoint(tmp_path / "blur")
 
 
+@pytest.mark.slow
 def test_model_args_that_change_the_network_are_refused(tmp_path):
     save_timm("resnet18d", tmp_path / "os16", output_stride=16)
     with pytest.raises(ArchitectureError, match="output_stride=16 changes the network"):

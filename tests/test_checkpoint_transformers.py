@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from support.weights import perturb_batchnorm_
 from toolkit.card import ModelCard
@@ -17,8 +18,6 @@ from toolkit.checkpoint import infer_architecture, load_checkpoint
 from toolkit.checkpoint_formats import hf_resnet
 from toolkit.errors import ArchitectureError
 from toolkit.runtime.registry import detect_format, open_model
-
-transformers = pytest.importorskip("transformers")
 
 LABELS = {0: "cat", 1: "dog", 2: "eel"}
 TOLERANCE = 1e-4
@@ -50,12 +49,14 @@ def save_folder(folder, config, image_processor=None):
     return model
 
 
+@pytest.mark.slow
 def test_resnet_resolves_to_convnext_image_processor(tmp_path):
     save_folder(tmp_path, resnet_config(), processor())
     resolved = transformers.AutoImageProcessor.from_pretrained(tmp_path)
     assert type(resolved).__name__ == "ConvNextImageProcessor"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer_type", ["basic", "bottleneck"])
 def test_folder_gives_transformers_logits_and_config(tmp_path, layer_type):
     folder = tmp_path / layer_type
@@ -75,6 +76,7 @@ def test_folder_gives_transformers_logits_and_config(tmp_path, layer_type):
     assert np.abs(ours - theirs).max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_the_weights_alone_load_with_transformers_defaults_noted(tmp_path):
     model = save_folder(tmp_path / "folder", resnet_config())
     shutil.copy(tmp_path / "folder" / "model.safetensors", tmp_path / "renamed.safetensors")
