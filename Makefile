@@ -8,7 +8,7 @@ OUT ?= demo-out
 
 LINT_PATHS := toolkit export serve tests bench scripts
 
-.PHONY: demo test test-fast lint browser kserve-client install install-test bench clean
+.PHONY: demo test test-fast lint browser kserve-client perf-analyzer install install-test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ demo: install
 
 # Lint first: ruff (rules and the 110-column limit in pyproject's [tool.ruff]) and mypy, non-strict, over
 # toolkit/ export/ serve/ ([tool.mypy]). Both must be clean.
-test: install-test browser kserve-client lint
+test: install-test browser kserve-client perf-analyzer lint
 	$(PY) -m pytest -q
 
 # Under 90 s on a 2-core machine: `@pytest.mark.slow` marks what would push it past that (and still runs
@@ -69,6 +69,14 @@ kserve-client:
 	echo "installing KServe's client into $(KSERVE_VENV) for the gRPC conformance test"; \
 	{ $(PYTHON) -m venv $(KSERVE_VENV) && $(KSERVE_VENV)/bin/python -m pip install -qq 'kserve==0.21.0'; } \
 		>/dev/null 2>&1 || echo "note: could not install kserve; its gRPC test will skip"
+
+# Triton's perf_analyzer (2.51.0, from the tritonclient wheel; libb64-0d from apt, libcudart from PyPI) in
+# bench/.tools/, for the server's shared-memory test (tests/test_serve_workers.py) and the bench; where it
+# cannot be installed, `make test` goes on and that test skips with its reason.
+perf-analyzer: install-test
+	@if [ -x bench/.tools/perf_analyzer ] && ldconfig -p 2>/dev/null | grep -q libb64.so.0d; then exit 0; fi; \
+	$(PY) bench/bench_perf_analyzer.py --setup >/dev/null 2>&1 \
+		|| echo "note: could not install perf_analyzer; its test will skip"
 
 # Not part of `make test`: timings belong in bench/, with ratios against baselines from the same run.
 bench: install-test

@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import cpu_model  # noqa: E402
+from _timing import cpu_model
 
 BASELINE = ("ONNX Runtime", "fp32")
 SUFFIXES = {"torchscript": ".ts", "pt2": ".pt2", "aoti": ".aoti.pt2", "onnx": ".onnx"}
@@ -118,7 +118,7 @@ def resnet50(root: Path, images: int) -> tuple[Path, Any]:
     return path, replace(data, class_names=card.class_names)
 
 
-MODELS = {"resnet56": ("CIFAR ResNet-56, 32x32", resnet56, 2048),
+MODELS = {"resnet56": ("CIFAR ResNet-56, 32x32", resnet56, 1024),
           "resnet50": ("ResNet-50, 224x224", resnet50, 128)}
 
 
@@ -198,20 +198,20 @@ def report(title: str, plan: list[Row], results: dict[Row, dict[str, float]],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
-    parser.add_argument("--images", type=int, help="images per model (default: 2048 for resnet56, 128 for "
+    parser.add_argument("--images", type=int, help="images per model (default: 1024 for resnet56, 128 for "
                         "resnet50)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--min-seconds", type=float, default=2.0, help="model-only timing per row")
     args = parser.parse_args()
 
-    import torch
-
     import onnxruntime
     import openvino
+    import torch
 
     reduced = torch_reduced_precision()
     print(f"{cpu_model()}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino "
-          f"{openvino.__version__}; torch paths' reduced precision: {reduced or 'none (no bf16 on this CPU)'}")
+          f"{openvino.__version__}; the torch paths' reduced precision: "
+          f"{reduced or 'none (no bf16 on this CPU)'}")
     began = time.perf_counter()
     for name in args.models:
         run_model(name, args.images, args.batch_size, args.min_seconds, reduced)

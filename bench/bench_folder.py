@@ -19,6 +19,7 @@ Measured in the same run, alternating rounds (`--rounds`), every rate steady-sta
 It prints the median of each and the ratio end-to-end / min(decode, model) (target >= 0.8).
 
     .venv/bin/python bench/bench_folder.py [--count 10000] [--model resnet56|sample] [--rounds 3]
+                                           [--workdir DIR]  # keep the folder and the ONNX for reruns
 """
 
 from __future__ import annotations
@@ -95,44 +96,57 @@ def model_rate(runner, batch: np.ndarray, min_seconds: float = 3.0) -> float:
     return done / (time.perf_counter() - began)
 
 
+def prepare(workdir: Path, count: int, model: str) -> tuple[Path, Path]:
+    """The JPEG folder and the fp32 ONNX in `workdir`, made unless already there (reruns reuse them)."""
+    from export.pipeline import run_export
+
+    folder = workdir / "images"
+    if not (folder.is_dir() and any(folder.iterdir())):
+        began = time.perf_counter()
+        write_jpeg_folder(folder, count)
+        print(f"wrote {count} JPEGs (32x32, quality 75) in {time.perf_counter() - began:.1f} s")
+    onnx = workdir / f"{model}.onnx"
+    if not onnx.is_file():
+        run_export(make_model(model, workdir), "onnx", onnx, do_verify=False)
+    return folder, onnx
+
+
+def measure(folder: Path, onnx: Path, batch_size: int, rounds: int) -> dict[str, float]:
+    """Median images/s of decoding alone, the model alone and `evaluate`, in alternating rounds."""
+    from toolkit.data import load_image_folder
+    from toolkit.evaluate import evaluate
+    from toolkit.runtime.registry import open_model
+
+    rates: dict[str, list[float]] = {"decode": [], "model": [], "e2e": []}
+    with open_model(onnx, backend="onnxruntime") as runner:
+        card = runner.card
+        # the labels are arbitrary (speed is what is measured): the folders' classes named as the model's
+        dataset = replace(load_image_folder(folder), class_names=card.class_names)
+        batch = next(dataset.batches(card, batch_size))
+        for _ in range(rounds):
+            rates["decode"].append(decode_rate(dataset, card, batch_size))
+            rates["model"].append(model_rate(runner, batch))
+            rates["e2e"].append(evaluate(runner, dataset, batch_size=batch_size).images_per_second)
+            print("round: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()), flush=True)
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10_000, help="JPEGs to generate")
     parser.add_argument("--model", choices=("resnet56", "sample"), default="resnet56")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the three measurements")
-    parser.add_argument("--folder", type=Path, help="reuse (or create) the JPEG folder here")
+    parser.add_argument("--workdir", type=Path, help="keep (and reuse) the JPEG folder and the ONNX here")
     args = parser.parse_args()
 
-    from export.pipeline import run_export
-    from toolkit.data import load_image_folder
-    from toolkit.evaluate import evaluate
-    from toolkit.runtime.registry import open_model
-
     with tempfile.TemporaryDirectory(prefix="bench-folder-") as tmp:
-        root = Path(tmp)
-        folder = args.folder or root / "images"
-        if not (folder.is_dir() and any(folder.iterdir())):
-            began = time.perf_counter()
-            write_jpeg_folder(folder, args.count)
-            print(f"wrote {args.count} JPEGs (32x32, quality 75) in {time.perf_counter() - began:.1f} s")
-        dataset = load_image_folder(folder)
-        checkpoint = make_model(args.model, root)
-        onnx = run_export(checkpoint, "onnx", root / "model.onnx", do_verify=False).path
-        rates: dict[str, list[float]] = {"decode": [], "model": [], "e2e": []}
-        with open_model(onnx, backend="onnxruntime") as runner:
-            card = runner.card
-            # the labels are arbitrary (speed is what is measured): the folders' classes named as the model's
-            dataset = replace(dataset, class_names=card.class_names)
-            batch = next(dataset.batches(card, args.batch_size))
-            for _ in range(args.rounds):
-                rates["decode"].append(decode_rate(dataset, card, args.batch_size))
-                rates["model"].append(model_rate(runner, batch))
-                rates["e2e"].append(evaluate(runner, dataset, batch_size=args.batch_size).images_per_second)
-                print("round: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()), flush=True)
-    median = {k: statistics.median(v) for k, v in rates.items()}
+        workdir = args.workdir or Path(tmp)
+        folder, onnx = prepare(workdir, args.count, args.model)
+        median = measure(folder, onnx, args.batch_size, args.rounds)
+        count = sum(1 for p in folder.rglob("*.jpg"))
     ratio = median["e2e"] / min(median["decode"], median["model"])
-    print(f"\n{cpu_model()}, {len(dataset)} JPEGs, {args.model} ONNX fp32 (onnxruntime), "
+    print(f"\n{cpu_model()}, {count} JPEGs, {args.model} ONNX fp32 (onnxruntime), "
           f"batch {args.batch_size}, median of {args.rounds} rounds")
     print(f"decode pool alone    {median['decode']:9,.0f} img/s")
     print(f"model alone          {median['model']:9,.0f} img/s")

@@ -68,10 +68,11 @@ def setup() -> Path:
     if not (CUDA_LIB / "libcudart.so.12").exists():
         subprocess.run([*pip, "install", "-q", "--target", str(TOOLS / "cuda"), "nvidia-cuda-runtime-cu12"],
                        check=True)
-    if not any(Path(d).glob("libb64.so.0d*") for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib")):
+    if not any(next(Path(d).glob("libb64.so.0d*"), None) for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib")):
         root = [] if os.geteuid() == 0 else ["sudo", "-n"]
-        subprocess.run([*root, "apt-get", "install", "-y", "-qq", "libb64-0d"], check=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run([*root, "apt-get", "update", "-qq"], check=True, env=env)  # a fresh machine: no lists
+        subprocess.run([*root, "apt-get", "install", "-y", "-qq", "libb64-0d"], check=True, env=env)
     return BINARY
 
 

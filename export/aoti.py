@@ -14,23 +14,26 @@ where there is none, the export stops before any work with one line saying so.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from toolkit.pt2_archive import pt2_extra_files
 from toolkit.card import ModelCard
 from toolkit.errors import BackendUnavailableError, ExportError, first_line
 from toolkit.fileio import atomic_write_bytes
+from toolkit.pt2_archive import pt2_extra_files
+from toolkit.runtime.aoti_runner import quiet_cuda_home_warning
 
 from .pipeline import ExportJob, FormatSpec
-from .torch_export import PRECISIONS, BatchRange, BatchRangeOptions, exported_program, facts
-
-REBUILD = "toolkit export -m CHECKPOINT --format aoti"
+from .torch_export import (
+    DEFAULT_RANGE,
+    PRECISIONS,
+    BatchRange,
+    BatchRangeOptions,
+    exported_program,
+    facts,
+)
 
 
 def cpp_compiler() -> str:
@@ -57,31 +60,36 @@ def cpu_isa() -> str:
 
 
 def build_environment(device: str) -> dict[str, Any]:
-    """What the package will depend on, recorded in its facts (the runner checks each on load)."""
+    """What a package compiled here depends on beyond the torch version (the facts' `extra`): the device
+    kind, and on CPUs the vector ISA; the runner checks each on load."""
     import torch
 
     kind = torch.device(device).type
-    described: dict[str, Any] = {"device": kind}
-    if kind == "cpu":
-        described["cpu_isa"] = cpu_isa()
-    elif kind == "cuda":
-        index = torch.device(device).index or 0
-        described["gpu"] = torch.cuda.get_device_name(index)
-        described["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability(index))
-    return described
+    return {"device": kind, **({"cpu_isa": cpu_isa()} if kind == "cpu" else {})}
+
+
+def gpu_facts(device: str) -> dict[str, Any]:
+    """The GPU a CUDA package's kernels were compiled for (ArtifactFacts fields, as TensorRT engines)."""
+    import torch
+
+    index = torch.device(device).index or 0
+    return {"gpu": torch.cuda.get_device_name(index),
+            "compute_capability": "{}.{}".format(*torch.cuda.get_device_capability(index))}
 
 
 def compile_package(program: Any, extra_files: dict[str, str]) -> bytes:
     """The package's bytes: AOTInductor's generated files, packaged with `extra_files`."""
     import torch
-    from torch.export.pt2_archive._package import package_pt2
 
+    try:  # the writer torch.export.save uses: AOTInductor's own packager takes no extra files
+        from torch.export.pt2_archive._package import package_pt2
+    except ImportError:
+        raise ExportError(f"torch {torch.__version__} cannot write AOTInductor packages with extra files "
+                          "(torch >= 2.7 can)") from None
     module = program.module(check_guards=False)
     args, kwargs = program.example_inputs
     try:
-        with _quiet("torch.utils.cpp_extension"):
-            files = torch._inductor.aot_compile(module, args, kwargs,
-                                                options={"aot_inductor.package": True})
+        files = torch._inductor.aot_compile(module, args, kwargs, options={"aot_inductor.package": True})
     except Exception as exc:  # noqa: BLE001 - inductor lowering, C++ compile or link errors
         raise ExportError(f"AOTInductor could not compile the program: {first_line(exc)}") from None
     if not isinstance(files, list):
@@ -91,27 +99,17 @@ def compile_package(program: Any, extra_files: dict[str, str]) -> bytes:
     return buffer.getvalue()
 
 
-@contextlib.contextmanager
-def _quiet(logger: str) -> Iterator[None]:
-    """Warnings of `logger` off while inductor compiles: torch.utils.cpp_extension logs "No CUDA runtime
-    is found" on import wherever a CUDA_HOME exists without a GPU, which says nothing about a CPU build."""
-    log = logging.getLogger(logger)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
 def export(model: Any, card: ModelCard, output: str | Path, *, precision: str = "fp32",
-           batch: BatchRange = BatchRange(1, 32), device: str = "cpu") -> Path:
+           batch: BatchRange = DEFAULT_RANGE, device: str = "cpu") -> Path:
     """Compile `model` into an AOTInductor package at `output` (atomically), card and facts inside."""
-    cpp_compiler()  # fail before the slow work
-    environment = build_environment(device)
-    program = exported_program(model, card, precision, batch, device)
-    described = facts(card, "aoti", precision, batch, "AOTInductor", **environment)
-    data = compile_package(program, pt2_extra_files(card, described))
+    with quiet_cuda_home_warning():
+        cpp_compiler()  # fail before the slow work
+        environment = build_environment(device)
+        program = exported_program(model, card, precision, batch, device)
+        described = facts(card, "aoti", precision, batch, "AOTInductor", **environment)
+        if environment["device"] == "cuda":
+            described = described.replace(**gpu_facts(device))
+        data = compile_package(program, pt2_extra_files(card, described))
     return atomic_write_bytes(Path(output), data)
 
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from toolkit.errors import ToolkitError, UsageError, first_line
 from toolkit.evaluate import align_dataset, evaluate
 from toolkit.names import EXPORT_PRECISIONS, RUN_PRECISIONS
 from toolkit.runtime.base import Runner
+
+if TYPE_CHECKING:  # pragma: no cover
+    from toolkit.card_layers import CardFlags
 
 FORMATS = ("torch", "torchscript", "onnx", "openvino", "tensorrt", "pt2", "aoti")
 PRECISIONS = EXPORT_PRECISIONS
@@ -144,7 +147,7 @@ class _Artifacts:
 
     def __init__(self, checkpoint: str, folder: Path, dataset: str, data_dir: Path | None, *, device: str,
                  allow_pickle: bool, calib_size: int, verify_samples: int,
-                 card_flags: Mapping[str, Any] | None = None) -> None:
+                 card_flags: CardFlags | Mapping[str, Any] | None = None) -> None:
         self.checkpoint, self.folder, self.dataset, self.data_dir = checkpoint, folder, dataset, data_dir
         self.device, self.allow_pickle, self.card_flags = device, allow_pickle, card_flags
         self.calib_size, self.verify_samples = calib_size, verify_samples
@@ -244,7 +247,7 @@ def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = Non
                   progress: bool = False, latency_runs: int = 30, min_seconds: float = 0.5,
                   calib_size: int = 512, verify_samples: int = 512,
                   runner_options: dict[str, Any] | None = None,
-                  card_flags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  card_flags: CardFlags | Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Every row of the table as a dict, plus what was measured on; writes JSON + chart to output_dir.
 
     `runner_options`: the torch and TorchScript runners' options (`precision`: their rows' compute
@@ -288,9 +291,9 @@ def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = Non
         row.pop("predictions", None)
         if not keep:
             row.pop("file", None)
-    result = {"model": str(checkpoint), "dataset": data.name, "sampling": data.sampling,
-              "num_samples": len(data), "device": device, "batch_sizes": list(batch_sizes), "rows": rows,
-              "recommendation": recommendation(rows, device)}
+    result: dict[str, Any] = {"model": str(checkpoint), "dataset": data.name, "sampling": data.sampling,
+                              "num_samples": len(data), "device": device, "batch_sizes": list(batch_sizes),
+                              "rows": rows, "recommendation": recommendation(rows, device)}
     if keep:
         from toolkit.fileio import atomic_write_text
 
@@ -300,11 +303,11 @@ def run_benchmark(checkpoint: str | Path, *, formats: Sequence[str] | None = Non
     return result
 
 
-def _torch_options(allow_pickle: bool, card_flags: Mapping[str, Any] | None) -> dict[str, Any]:
+def _torch_options(allow_pickle: bool, card_flags: CardFlags | Mapping[str, Any] | None) -> dict[str, Any]:
     """The options every open of the checkpoint's torch runner takes (TorchRunner.open)."""
     options: dict[str, Any] = {"allow_pickle": True} if allow_pickle else {}
     if card_flags:
-        options["card_flags"] = dict(card_flags)
+        options["card_flags"] = card_flags
     return options
 
 

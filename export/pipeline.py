@@ -55,7 +55,7 @@ import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from toolkit import fileio
 from toolkit.card import ModelCard
@@ -66,6 +66,9 @@ from toolkit.names import EXPORT_FORMATS, EXPORT_PRECISIONS
 from toolkit.runtime.base import Runner
 
 from .verify import Tolerances, VerifyReport, verify, without_calibration
+
+if TYPE_CHECKING:  # pragma: no cover
+    from toolkit.card_layers import CardFlags
 
 FAILED_TAG = "failed-verify"
 STAGING_KIND = "export"
@@ -404,7 +407,7 @@ class ExportPlan:
     int8: Int8Options
     options: tuple[Any, ...]  # the format's own option instances
     checks: Dataset | None  # the verification images before calibration's are held out
-    card_flags: Mapping[str, Any] | None = None
+    card_flags: CardFlags | Mapping[str, Any] | None = None
 
 
 def _dataset(name: str | Dataset | None, data_dir: str | Path | None, split: str) -> Dataset | None:
@@ -431,7 +434,7 @@ def _check_precision(fmt: str, spec: FormatSpec, settings: ExportSettings) -> No
 
 def resolve(checkpoint: str | Path, fmt: str, output: str | Path | None = None, *,
             settings: ExportSettings | None = None, options: Iterable[Any] = (),
-            card_flags: Mapping[str, Any] | None = None, **flat: Any) -> ExportPlan:
+            card_flags: CardFlags | Mapping[str, Any] | None = None, **flat: Any) -> ExportPlan:
     """Phase 1: check every setting, find the checkpoint, the destination and the images (calibration's
     and verification's); a ToolkitError here means nothing was written."""
     from toolkit.runtime.registry import require_checkpoint
@@ -442,18 +445,18 @@ def resolve(checkpoint: str | Path, fmt: str, output: str | Path | None = None, 
     format_flat = {k: v for k, v in flat.items() if k not in SETTING_NAMES}
     typed = parse_options(fmt, spec.options, format_flat, options)
     onnx_options = chosen.onnx_options()
-    int8 = Int8Options(size=chosen.calib_size, method=chosen.calib_method)  # checked before any data is read
     if spec.uses_onnx:
         from .onnx import check_opset
 
         check_opset(onnx_options.opset)
     path = require_checkpoint(checkpoint, doing="export")
     destination = resolve_output(path, spec, output, chosen.precision)
-    if chosen.precision == "int8":
-        int8 = replace(int8, dataset=_dataset(chosen.calib_dataset, chosen.data_dir, "train"))
+    calibrate = chosen.precision == "int8"
+    images = _dataset(chosen.calib_dataset, chosen.data_dir, "train") if calibrate else None
+    int8 = Int8Options(dataset=images, size=chosen.calib_size, method=chosen.calib_method)
     source = chosen.verify_dataset if chosen.verify_dataset is not None else chosen.calib_dataset
     checks = _dataset(source, chosen.data_dir, "test") if chosen.do_verify else None
-    if checks is not None and chosen.precision == "int8":  # none left to verify on: say so before the work
+    if checks is not None and calibrate:  # none left to verify on: say so before the slow work
         without_calibration(checks, int8.calibration.ids())
     return ExportPlan(checkpoint=path, format=fmt, spec=spec, settings=chosen, destination=destination,
                       onnx=onnx_options, int8=int8, options=typed, checks=checks, card_flags=card_flags)
@@ -468,8 +471,7 @@ def build(plan: ExportPlan) -> ExportJob:
 
     s = plan.settings
     ckpt = load_checkpoint(plan.checkpoint, allow_pickle=s.allow_pickle)
-    flags = dict(plan.card_flags) if plan.card_flags else None
-    model, card, _ = build_from_checkpoint(ckpt, arch=s.arch, card_flags=flags)
+    model, card, _ = build_from_checkpoint(ckpt, arch=s.arch, card_flags=plan.card_flags)
     job = ExportJob(checkpoint=plan.checkpoint, model=model, card=card, output=plan.destination,
                     precision=s.precision, device=s.device, onnx=plan.onnx, int8=plan.int8,
                     options=plan.options)
@@ -511,7 +513,7 @@ def _model_folder_staging(plan: ExportPlan, artifact: Path) -> Path:
 
 def run_export(checkpoint: str | Path, fmt: str, output: str | Path | None = None, *,
                settings: ExportSettings | None = None, options: Iterable[Any] = (),
-               card_flags: Mapping[str, Any] | None = None, **flat: Any) -> ExportResult:
+               card_flags: CardFlags | Mapping[str, Any] | None = None, **flat: Any) -> ExportResult:
     """Export `checkpoint` to `fmt` and verify it: resolve -> build -> verify -> publish.
 
     A failed check returns `ok=False` with the artifact aside (`.check()` raises VerificationError; the

@@ -72,6 +72,9 @@ class BatchRange:
         return cls(1, max_batch or default_max_batch(job.batch_size))
 
 
+DEFAULT_RANGE = BatchRange(1, default_max_batch(1))
+
+
 def torch_dtype(precision: str) -> Any:
     import torch
 
@@ -101,7 +104,7 @@ def at_precision(model: Any, precision: str) -> Any:
 
 
 def exported_program(model: Any, card: ModelCard, precision: str = "fp32",
-                     batch: BatchRange = BatchRange(1, 32), device: str = "cpu") -> Any:
+                     batch: BatchRange = DEFAULT_RANGE, device: str = "cpu") -> Any:
     """`torch.export.export` of `model` at `precision` on `device`, its batch dimension `batch`."""
     import torch
 
@@ -134,7 +137,7 @@ def facts(card: ModelCard, fmt: str, precision: str, batch: BatchRange, exporter
 
 
 def export(model: Any, card: ModelCard, output: str | Path, *, precision: str = "fp32",
-           batch: BatchRange = BatchRange(1, 32), device: str = "cpu") -> Path:
+           batch: BatchRange = DEFAULT_RANGE, device: str = "cpu") -> Path:
     """Write `output` (a .pt2 archive, atomically) with its card and facts, and return it."""
     import torch
 

@@ -20,7 +20,7 @@ import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,10 +30,13 @@ from toolkit.runtime.base import Runner
 from .errors import QueueFullError, QueueTimeoutError
 from .metrics import RequestTiming, Stats
 
+if TYPE_CHECKING:
+    from .models import ServedModel
+
 __all__ = ["BatchedRunner", "DynamicBatcher", "QueueFullError", "QueueTimeoutError"]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `item in queue` must not compare the batches
 class _Item:
     batch: np.ndarray
     future: asyncio.Future[np.ndarray]
@@ -206,18 +209,18 @@ class DynamicBatcher:
 
 
 class BatchedRunner(Runner):
-    """A Runner whose calls go through the server's batcher, for library code run in a worker thread.
+    """A Runner whose calls go through a served model's batcher, for library code run in a worker thread.
 
     `/evaluate` hands this to `toolkit.evaluate.evaluate`, so server-side evaluation shares the
     queue, the limits and the metrics with every other request, and the runner stays single-threaded.
     """
 
-    def __init__(self, batcher: DynamicBatcher, loop: asyncio.AbstractEventLoop) -> None:
-        inner = batcher.runner
-        super().__init__(inner.card, source=inner.source, device=inner.device,
-                         max_batch_size=batcher.max_batch_size, precision=inner.precision)
-        self.backend = inner.backend
-        self._batcher = batcher
+    def __init__(self, model: ServedModel, loop: asyncio.AbstractEventLoop) -> None:
+        described = model.description
+        super().__init__(described.card, source=described.source, device=described.device,
+                         max_batch_size=model.settings.batch_limit, precision=described.precision)
+        self.backend = described.backend
+        self._model = model
         self._loop = loop
 
     @classmethod
@@ -225,7 +228,7 @@ class BatchedRunner(Runner):
         raise UsageError("a BatchedRunner wraps a running server's batcher; it is not opened from a file")
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
-        return asyncio.run_coroutine_threadsafe(self._batcher.infer(batch), self._loop).result()
+        return asyncio.run_coroutine_threadsafe(self._model.batcher.infer(batch), self._loop).result()
 
     def describe(self) -> dict[str, object]:
-        return self._batcher.runner.describe()
+        return dict(self._model.description.details)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Limits and batching knobs. Defaults are the CLI defaults."""
+    """Limits and batching knobs. Defaults are the CLI defaults. `name`/`version` name a single model
+    handed over as a Runner or opener (serve.repository.as_source); batching knobs are the defaults of
+    every model whose own config (config.pbtxt) is silent."""
 
     name: str = "model"
     version: str = "1"
@@ -35,6 +37,9 @@ class ServeConfig:
     retry_after_s: int = 1
     warmup: bool = True
     reject_nonfinite: bool = False  # 400 for NaN/Inf inputs (Triton accepts them: the model's business)
+    model_control: str = "none"  # Triton's --model-control-mode: none | explicit (load/unload on request)
+    load_models: tuple[str, ...] = ()  # explicit mode: the models loaded at start (`*`: all)
+    reserved_ports: bool = False  # the parent holds the ports (serve.ports): join them with SO_REUSEPORT
 
     @property
     def max_body_bytes(self) -> int:

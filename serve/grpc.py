@@ -1,10 +1,10 @@
 """The Open Inference Protocol over gRPC: Triton's `GRPCInferenceService`, in the server's own process.
 
 tritonclient.grpc, KServe's InferenceGRPCClient and `perf_analyzer -i grpc` speak this service. It
-runs on grpcio's asyncio server inside uvicorn's event loop and drives the same `ServerState` as
-the HTTP routes: the same batcher and limits, API key (metadata `authorization: Bearer <key>` or
-`x-api-key`), statistics and drain (in-flight calls are counted; a draining server answers
-UNAVAILABLE). Every answer comes from `serve.protocol`, so both transports say the same thing.
+runs on grpcio's asyncio server inside uvicorn's event loop and only decodes and encodes: the work is
+`ServerState`'s, as for the HTTP routes (`infer`, `authorised` with metadata `authorization: Bearer
+<key>` or `x-api-key`, the index, model control, statistics, shared-memory regions, in-flight counting
+for the drain), and every document comes from `serve.protocol`, so both transports say the same thing.
 
 The generated service modules are the ones inside `tritonclient[grpc]` (installed, not vendored):
 `pip install 'resnet-toolkit[grpc]'`. Outputs always travel in `raw_output_contents`, as Triton's
@@ -13,10 +13,8 @@ gRPC endpoint sends them; inputs may come raw, as typed `contents`, or from syst
 
 from __future__ import annotations
 
-import hmac
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,7 +34,7 @@ from toolkit.v2 import (
 )
 
 from . import protocol
-from .metrics import RequestTiming
+from .models import ServedModel
 from .state import ServerState
 
 INSTALL_HINT = "gRPC needs grpcio and tritonclient[grpc]: pip install 'resnet-toolkit[grpc]'"
@@ -130,8 +128,8 @@ def infer_request(message: Any, extensions: protocol.ProtocolState) -> InferRequ
     return InferRequest(inputs, outputs, message.id or None, _parameters(message.parameters))
 
 
-def infer_response(request: InferRequest, tensors: list[tuple[Tensor, bool]], config: Any) -> Any:
-    response = service_pb2.ModelInferResponse(model_name=config.name, model_version=config.version,
+def infer_response(request: InferRequest, tensors: list[tuple[Tensor, bool]], model: ServedModel) -> Any:
+    response = service_pb2.ModelInferResponse(model_name=model.name, model_version=model.version,
                                               id=request.id or "")
     for tensor, _ in tensors:
         response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.data.shape))
@@ -181,11 +179,15 @@ def _rpc(method: Handler) -> Handler:
     name = method.__name__
 
     async def call(self: InferenceService, request: Any, context: Any) -> Any:
-        if name not in OPEN_METHODS and not self.authorised(context):
+        if name in OPEN_METHODS:
+            return await method(self, request, context)
+        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        if not self.state.authorised(metadata.get("x-api-key"), metadata.get("authorization")):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key: send metadata "
                                 "'authorization: Bearer <key>' or 'x-api-key: <key>'")
         try:
-            return await method(self, request, context)
+            with self.state.busy():  # the drain waits for calls in flight, as for HTTP POSTs
+                return await method(self, request, context)
         except ToolkitError as exc:
             await context.abort(_STATUS.get(exc.http_status, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
         except Exception as exc:  # the server's own bug: logged, answered INTERNAL
@@ -204,17 +206,6 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
-        self.key = state.config.api_key.encode() if state.config.api_key else None
-
-    def authorised(self, context: Any) -> bool:
-        if self.key is None:
-            return True
-        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
-        given = metadata.get("x-api-key")
-        auth = str(metadata.get("authorization", ""))
-        if given is None and auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        return isinstance(given, str) and hmac.compare_digest(given.encode("latin-1", "replace"), self.key)
 
     @_rpc
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -226,8 +217,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ModelReady(self, request: Any, context: Any) -> Any:
-        self.state.check_model(request.name, request.version)
-        return service_pb2.ModelReadyResponse(ready=self.state.serving)
+        state, version = self.state, request.version or None
+        ready = state.models.is_ready(request.name, version) and not state.draining and not state.unavailable
+        if not ready:
+            state.model(request.name, version)  # NOT_FOUND for a model the server does not know
+        return service_pb2.ModelReadyResponse(ready=ready)
 
     @_rpc
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
@@ -235,45 +229,35 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        state = self.state
-        state.check_model(request.name, request.version)
-        document = protocol.model_metadata(state.config, state.runner.card, state.runner.backend)
+        model = self.state.model(request.name, request.version)
+        document = protocol.model_metadata(model, self.state.models.versions(request.name))
         return _message(document, service_pb2.ModelMetadataResponse())
 
     @_rpc
     async def ModelConfig(self, request: Any, context: Any) -> Any:
-        state = self.state
-        state.check_model(request.name, request.version)
-        document = protocol.model_config(state.config, state.runner.card, state.runner.backend)
+        document = protocol.model_config(self.state.model(request.name, request.version))
         return service_pb2.ModelConfigResponse(config=_message(document, model_config_pb2.ModelConfig()))
 
     @_rpc
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        state = self.state
-        if request.name:
-            state.check_model(request.name, request.version)
-        stats = await state.current_stats()
-        document = stats.v2_statistics(state.config.name, state.config.version,
-                                       protocol.memory_usage(state.runner.source))
+        document = await self.state.statistics(request.name or None, request.version or None)
         return _message(document, service_pb2.ModelStatisticsResponse())
 
     @_rpc
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
-        state = self.state
-        status = "READY" if state.serving else ("UNAVAILABLE" if state.draining else "LOADING")
-        if request.ready and status != "READY":
-            return service_pb2.RepositoryIndexResponse()
-        model = service_pb2.RepositoryIndexResponse.ModelIndex(name=state.config.name,
-                                                               version=state.config.version, state=status)
-        return service_pb2.RepositoryIndexResponse(models=[model])
+        rows = self.state.models.index(bool(request.ready))
+        return service_pb2.RepositoryIndexResponse(
+            models=[service_pb2.RepositoryIndexResponse.ModelIndex(**row) for row in rows])
 
     @_rpc
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
-        protocol.repository_control("load", request.model_name)
+        await self.state.load(request.model_name)
+        return service_pb2.RepositoryModelLoadResponse()
 
     @_rpc
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
-        protocol.repository_control("unload", request.model_name)
+        await self.state.unload(request.model_name)
+        return service_pb2.RepositoryModelUnloadResponse()
 
     @_rpc
     async def LogSettings(self, request: Any, context: Any) -> Any:
@@ -286,7 +270,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def TraceSetting(self, request: Any, context: Any) -> Any:
         extensions, model = self.state.extensions, request.model_name or None
         if model is not None:
-            self.state.check_model(model)
+            self.state.model(model)
         if request.settings:
             update: dict[str, Any] = {}
             for key, value in request.settings.items():
@@ -305,13 +289,13 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        self.state.extensions.shm.register(request.name, request.key, int(request.offset),
-                                           int(request.byte_size))
+        await self.state.register_region(request.name, request.key, int(request.offset),
+                                         int(request.byte_size))
         return service_pb2.SystemSharedMemoryRegisterResponse()
 
     @_rpc
     async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        self.state.extensions.shm.unregister(request.name or None)
+        await self.state.unregister_region(request.name or None)
         return service_pb2.SystemSharedMemoryUnregisterResponse()
 
     @_rpc
@@ -331,40 +315,33 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     @_rpc
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         state = self.state
-        state.check_model(request.model_name, request.model_version)
-        batcher = state.require_ready()
-        config, card, extensions = state.config, state.runner.card, state.extensions
+        extensions = state.extensions
 
-        async def work(timing: RequestTiming) -> Any:
-            began = time.perf_counter()
+        async def decode(model: ServedModel) -> tuple[InferRequest, np.ndarray]:
             typed = not request.raw_input_contents and sum(math.prod(t.shape) for t in request.inputs)
             if typed and typed > POOL_ABOVE:
                 parsed = await state.in_pool(infer_request, request, extensions)
             else:
                 parsed = infer_request(request, extensions)
-            batch = protocol.input_batch(parsed, config, card)
-            timing.input_s = time.perf_counter() - began
-            logits = await batcher.infer(batch, timing)
-            began = time.perf_counter()
-            tensors = protocol.response_tensors(parsed, logits, card, extensions)
-            response = infer_response(parsed, tensors, config)
-            timing.output_s = time.perf_counter() - began
-            return response
+            return parsed, protocol.input_batch(parsed, model, state.config)
 
-        state.stats.in_flight += 1  # draining waits for these, as for HTTP POSTs
-        try:
-            return await state.counted(work)
-        finally:
-            state.stats.in_flight -= 1
+        def encode(model: ServedModel, parsed: InferRequest, logits: np.ndarray | None) -> Any:
+            assert logits is not None
+            return infer_response(parsed, protocol.response_tensors(parsed, logits, model.card, extensions),
+                                  model)
+
+        return await state.infer(state.model(request.model_name, request.model_version), decode, encode)
 
 
 async def start(state: ServerState) -> grpc.aio.Server:
     """Listen on `config.host:config.grpc_port` in the running event loop; raises OSError if it cannot."""
     config = state.config
     limit = config.max_body_bytes
+    # SO_REUSEPORT only to join the port the parent process holds for the workers (serve.ports); alone,
+    # never: a second server would share the port silently
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", max(limit, 64 * 1024 * 1024)),
-                                      ("grpc.so_reuseport", 0)])
+                                      ("grpc.so_reuseport", int(config.reserved_ports))])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
     host = f"[{config.host}]" if ":" in config.host else config.host
     try:

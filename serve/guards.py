@@ -13,7 +13,6 @@ Plain ASGI: a few microseconds per request.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -56,19 +55,19 @@ class Accounting:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        stats = self.state.stats
+        counters = self.state.counters
         started = False
 
         async def counted_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                stats.record_http(message["status"])
+                counters.record_http(message["status"])
             await send(message)
 
         is_work = scope["method"] == "POST"
         if is_work:
-            stats.in_flight += 1
+            counters.in_flight += 1
         try:
             await self.app(scope, receive, counted_send)
         except Exception:
@@ -78,30 +77,25 @@ class Accounting:
                     scope, receive, counted_send)
         finally:
             if is_work:
-                stats.in_flight -= 1
+                counters.in_flight -= 1
         return None
 
 
 class ApiKeyGuard:
-    """401 unless `Authorization: Bearer <key>` or `X-API-Key: <key>`; the health endpoints stay open."""
+    """401 unless `Authorization: Bearer <key>` or `X-API-Key: <key>` (`ServerState.authorised`, the
+    check gRPC makes too); the health endpoints stay open."""
 
-    def __init__(self, app: ASGIApp, key: str) -> None:
-        self.app, self.key = app, key.encode()
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorised(scope):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self.state.authorised(
+                _header(scope, b"x-api-key"), _header(scope, b"authorization")):
             return await self.app(scope, receive, send)
         response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>' or "
                                        "'X-API-Key: <key>'", close=_has_body(scope))
         response.headers["WWW-Authenticate"] = "Bearer"
         return await response(scope, receive, send)
-
-    def _authorised(self, scope: Scope) -> bool:
-        given = _header(scope, b"x-api-key")
-        auth = _header(scope, b"authorization") or ""
-        if given is None and auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        return given is not None and hmac.compare_digest(given.encode("latin-1"), self.key)
 
 
 class DrainGuard:
@@ -178,5 +172,5 @@ def guarded(app: ASGIApp, state: ServerState) -> ASGIApp:
     """The ASGI application to run: the app behind the guard middlewares (outermost first)."""
     inner: ASGIApp = DrainGuard(BodyLimitGuard(app, state.config), state)
     if state.config.api_key:
-        inner = ApiKeyGuard(inner, state.config.api_key)
+        inner = ApiKeyGuard(inner, state)
     return Accounting(inner, state)

@@ -11,6 +11,7 @@ and the fast path cannot answer differently from the documented routes.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from toolkit.errors import ToolkitError
@@ -22,6 +23,7 @@ from .routes.v2 import answer_infer
 from .state import ServerState
 
 TOP_K_DEFAULT = 5
+_PLAIN_NAME = re.compile(rb"[A-Za-z0-9_.-]{1,200}")  # a model name needing no URL decoding
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
@@ -30,14 +32,19 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
     return dict(reversed(scope["headers"]))
 
 
-def _top_k(query: bytes) -> int | None:
-    """`top_k` from a query string of at most that one plain integer parameter; None: leave it to FastAPI."""
-    if not query:
-        return TOP_K_DEFAULT
-    name, _, value = query.partition(b"=")
-    if name != b"top_k" or not value.isdigit() or len(value) > 9:
-        return None
-    return int(value)
+def _predict_query(query: bytes) -> tuple[int, str | None] | None:
+    """(top_k, model) from a query string of plain `top_k=<int>` and `model=<name>` parameters; None:
+    anything else, left to FastAPI (which also answers a malformed one)."""
+    top_k, model = TOP_K_DEFAULT, None
+    for part in query.split(b"&") if query else ():
+        name, _, value = part.partition(b"=")
+        if name == b"top_k" and value.isdigit() and len(value) <= 9:
+            top_k = int(value)
+        elif name == b"model" and value and _PLAIN_NAME.fullmatch(value):
+            model = value.decode("ascii")
+        else:
+            return None
+    return top_k, model
 
 
 def _v2_target(path: str) -> tuple[str, str | None] | None:
@@ -60,25 +67,25 @@ class HotPath:
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
             if path == "/predict":
-                top_k = _top_k(scope["query_string"])
+                query = _predict_query(scope["query_string"])
                 headers = _headers(scope)
                 content_type = headers.get(b"content-type", b"").decode("latin-1")
-                if top_k is not None and not content_type.startswith("multipart/"):
-                    return await self._predict(scope, receive, send, top_k, content_type, headers)
+                if query is not None and not content_type.startswith("multipart/"):
+                    return await self._predict(scope, receive, send, *query, content_type, headers)
             elif path.startswith("/v2/models/") and not scope["query_string"]:
                 target = _v2_target(path)
                 if target is not None:
                     return await self._infer(scope, receive, send, *target)
         return await self.app(scope, receive, send)
 
-    async def _predict(self, scope: Scope, receive: Receive, send: Send, top_k: int, content_type: str,
-                       headers: dict[bytes, bytes]) -> None:
+    async def _predict(self, scope: Scope, receive: Receive, send: Send, top_k: int, model: str | None,
+                       content_type: str, headers: dict[bytes, bytes]) -> None:
         async def files() -> list[tuple[str, bytes]]:
             check_raw_type(content_type)
             name = headers.get(b"x-filename")
             return raw_upload(None if name is None else name.decode("latin-1"), await _body(receive))
 
-        await self._answer(scope, receive, send, lambda: answer_predict(self.state, top_k, files))
+        await self._answer(scope, receive, send, lambda: answer_predict(self.state, top_k, files, model))
 
     async def _infer(self, scope: Scope, receive: Receive, send: Send, name: str,
                      version: str | None) -> None:

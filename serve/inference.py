@@ -1,14 +1,14 @@
-"""The inference process of multi-process serving: one Runner (or `instances` copies), one DynamicBatcher.
+"""The inference process of multi-process serving: it controls the models and runs the shared ones.
 
-`InferenceHub` accepts every worker on the Unix socket, gives each a shared-memory block, feeds views of
-its slots to the batcher so requests from every worker meet in one runner call, and writes the logits
-back. It decides readiness (warmed up, every worker connected) and tells the workers when it changes;
-`/metrics` and the v2 statistics are gathered here: this process's runner calls merged with each
-worker's snapshot of its requests.
-
-With a model in every worker (`serve_workers(..., runner_per_worker=True)`, the CPU default for ONNX
-Runtime) this process opens no model: it only decides readiness (every worker connected and warmed
-up) and gathers the statistics, so the server promises the same in both arrangements.
+`InferenceHub` accepts every worker on a Unix socket and holds the server's `ModelControl`
+(serve.control) with a `HubFleet`: a model version is placed (`placement`) either in every worker (each
+opens its own copy; the CPU default for ONNX Runtime) or here (one DynamicBatcher over `copies` of it
+that every worker feeds through a shared-memory block per worker, so their requests meet in one runner
+call: what GPUs use). Either way a version is routed only once every worker holds it, and freed only
+once every worker's requests to it finished. The hub decides readiness (every model that should be
+loaded is, and every worker is up), merges the statistics for `/metrics` and the v2 API, carries model
+control and system shared-memory registrations from the worker that was asked to all the others, and
+replays all of it to a worker that starts later.
 """
 
 from __future__ import annotations
@@ -24,268 +24,427 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.errors import ToolkitError, UsageError
-from toolkit.runtime.base import Runner
+from toolkit.errors import UsageError
 
 from .config import ServeConfig
-from .errors import QueueFullError, QueueTimeoutError
-from .ipc import SLOT_BUDGET, _close_shm, _frame, _logging, _name_process, _read, _run, default_cores
-from .metrics import RequestTiming, Stats
+from .control import ModelControl, open_served
+from .errors import ModelLoadError, ServeStartupError
+from .ipc import (
+    SLOT_BUDGET,
+    Applied,
+    Attach,
+    Attached,
+    Control,
+    Counters,
+    Detach,
+    Detached,
+    Done,
+    Failure,
+    Hello,
+    HubFailed,
+    HubUp,
+    Infer,
+    Inferred,
+    Publish,
+    Readiness,
+    Refused,
+    RegionCommand,
+    Regions,
+    Serving,
+    Slots,
+    SnapshotQuery,
+    StatsQuery,
+    Stop,
+    Welcome,
+    WorkerRestarted,
+    WorkerUp,
+    close_shm,
+    default_cores,
+    loop_factory,
+    name_process,
+    receive,
+    run,
+    send,
+    setup_logging,
+)
+from .metrics import RequestTiming, ServerCounters, Stats
+from .models import IndexEntry, ModelDescription, ServedModel
+from .repository import ModelSource, VersionSpec
 
 log = logging.getLogger("toolkit.serve")
 
 
-@dataclass
-class _Client:
+@dataclass(frozen=True)
+class _Block:
+    """One worker's shared-memory slots for one model run here."""
+
+    shm: SharedMemory
+    slots: Slots
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.slots.in_bytes + self.slots.out_bytes
+
+
+@dataclass(eq=False)
+class _Worker:
     index: int
     pid: int
     writer: asyncio.StreamWriter
-    shm: SharedMemory | None  # None: the worker runs its own model
-    in_bytes: int
-    slot_bytes: int
-    warm: bool  # its model warmed up (always, when it shares this process's model)
+    up: bool = False  # holds every model: its start succeeded
+    blocks: dict[int, _Block] = field(default_factory=dict)  # uid -> its slots for a model run here
+    waiting: dict[int, asyncio.Future[Any]] = field(default_factory=dict)  # token -> Attached/Detached/...
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class InferenceHub:
-    """The inference process: one Runner, one DynamicBatcher, every worker's requests. Without
-    runners: the coordinator of workers that run their own models (readiness and statistics only)."""
+    """The inference process: model control, the shared models' batchers, every worker's link."""
 
-    def __init__(self, runners: list[Runner], config: ServeConfig, control: Any, path: str,
-                 workers: int) -> None:
-        from .batcher import DynamicBatcher
-
-        self.config, self.control, self.path = config, control, path
-        self.expected = workers
-        self.stats = Stats()
-        self.batcher: DynamicBatcher | None = None
-        self.in_bytes = self.out_bytes = self.slots = 0
-        if runners:
-            runner = self.runner = runners[0]
-            self.batcher = DynamicBatcher(runner, self.stats, max_batch_size=config.max_batch_size,
-                                          max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
-                                          timeout_s=config.timeout_s, instances=runners)
-            self.in_bytes = int(np.prod(runner.card.input_size)) * 4 * config.max_batch_size
-            self.out_bytes = runner.card.num_classes * 4 * config.max_batch_size
-            self.slots = max(4, min(64, SLOT_BUDGET // (self.in_bytes + self.out_bytes)))
-        self.clients: dict[int, _Client] = {}
-        self.warm = False
+    def __init__(self, source: ModelSource, config: ServeConfig, pipe: Any, path: str, workers: int,
+                 per_worker: bool | None) -> None:
+        self.config, self.pipe, self.path, self.expected = config, pipe, path, workers
+        self.per_worker = per_worker
+        self.workers: dict[int, _Worker] = {}
+        self.local: dict[int, ServedModel] = {}  # uid -> a model run here
+        self.attachments: dict[int, Attach] = {}  # uid -> how every worker holds it (replayed to new ones)
+        self.published = Publish((), {})
+        self.regions: dict[str, RegionCommand] = {}
+        self.counters = ServerCounters()
+        self.control = ModelControl(source, HubFleet(self), mode=config.model_control,
+                                    startup=config.load_models, on_change=self.broadcast_readiness)
+        self.all_connected = asyncio.Event()
         self.stopping = False
-        self.announced = False  # the parent was told the server is ready, once
-        self._snapshots: dict[int, dict[int, dict[str, Any]]] = {}
-        self._snapshot_events: dict[int, asyncio.Event] = {}
+        self.announced = False
         self._tokens = itertools.count()
+        self._snapshots: dict[int, tuple[dict[int, Counters], asyncio.Event, int]] = {}
 
-    # readiness: warmed up, and every worker connected
-    def _readiness(self) -> tuple[bool, str | None]:
+    # --- readiness -----------------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str | None]:
         if self.stopping:
             return False, "draining"
-        if not self.warm:
-            return False, "warming up"
-        if len(self.clients) < self.expected:
-            return False, f"{len(self.clients)} of {self.expected} workers up"
-        cold = sum(not client.warm for client in self.clients.values())
-        if cold:
-            return False, f"{cold} of {self.expected} workers warming up"
-        return True, None
+        up = sum(w.up for w in self.workers.values())
+        if up < self.expected:
+            return False, f"{up} of {self.expected} workers up"
+        return self.control.readiness()
 
-    def _broadcast_ready(self) -> None:
-        ready, reason = self._readiness()
+    def broadcast_readiness(self) -> None:
+        ready, reason = self.readiness()
         if ready and not self.announced:  # a worker that dies before this is a failed start
             self.announced = True
             with contextlib.suppress(OSError):
-                self.control.send(("serving",))
-        for client in self.clients.values():
-            if not client.writer.is_closing():
-                client.writer.write(_frame(("ready", ready, reason)))
+                self.pipe.send(Serving())
+        for worker in self.workers.values():
+            send(worker.writer, Readiness(ready, reason))
+
+    # --- the process ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-
-        def on_control() -> None:
-            try:
-                message = self.control.recv()
-            except (EOFError, OSError):  # the parent is gone
-                loop.remove_reader(self.control.fileno())
-                stop.set()
-                return
-            if message[0] == "stop":
-                stop.set()
-            elif message[0] == "restarted":
-                self.stats.worker_restarts += 1
-
-        batcher = self.batcher
-        if batcher is None:
-            await self._serve(loop, stop, on_control, "", {})
-            return
-        await batcher.start()
+        server = await asyncio.start_unix_server(self._connected, self.path)
+        loop.add_reader(self.pipe.fileno(), self._from_parent, loop, stop)
+        self.pipe.send(HubUp())
         try:
-            card = self.runner.card
-            if self.config.warmup:
-                for instance in batcher.instances:
-                    for size in sorted({1, max(1, self.config.max_batch_size)}):
-                        batch = np.zeros((size, *card.input_size), dtype=np.float32)
-                        await loop.run_in_executor(None, batcher.run_sync, batch, instance)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent as the reason the server stops
-            self.control.send(("failed", f"warm-up failed: {exc}" if str(exc) else
-                               f"warm-up failed: {type(exc).__name__}"))
-            await batcher.stop()
-            return
-        info = {"source": self.runner.source, "device": self.runner.device, "backend": self.runner.backend,
-                "precision": self.runner.precision, "max_batch_size": self.runner.max_batch_size,
-                "describe": _describe(self.runner)}
-        await self._serve(loop, stop, on_control, self.runner.card.to_json(), info)
-
-    async def _serve(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event, on_control: Any,
-                     card_json: str, info: dict[str, Any]) -> None:
-        """Accept the workers until the parent says stop, then let their requests finish."""
-        server = await asyncio.start_unix_server(self._client, self.path)
-        self.warm = True
-        self.control.send(("up", card_json, info))
-        loop.add_reader(self.control.fileno(), on_control)
+            await self.control.start()
+        except ServeStartupError as exc:
+            self.pipe.send(HubFailed(str(exc)))
+            stop.set()
+        self.broadcast_readiness()
         await stop.wait()
         self.stopping = True
-        self._broadcast_ready()
+        self.broadcast_readiness()
         server.close()
-        tasks = [task for client in self.clients.values() for task in client.tasks]
+        tasks = [task for worker in self.workers.values() for task in worker.tasks]
         if tasks:
             await asyncio.wait(tasks, timeout=self.config.drain_timeout_s)
-        if self.batcher is not None:  # before the shared memory its batches are views of goes away
-            await self.batcher.stop()
-        for client in list(self.clients.values()):
-            client.writer.close()
-            _close_shm(client.shm)
+        for model in list(self.local.values()):  # before the shared memory its batches are views of goes
+            await model.close(0)
+        for worker in list(self.workers.values()):
+            worker.writer.close()
+            for block in worker.blocks.values():
+                close_shm(block.shm)
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _from_parent(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
         try:
-            _, index, pid, shares_model = await _read(reader)
+            message = self.pipe.recv()
+        except (EOFError, OSError):  # the parent is gone
+            loop.remove_reader(self.pipe.fileno())
+            stop.set()
+            return
+        match message:
+            case Stop():
+                stop.set()
+            case WorkerRestarted():
+                self.counters.worker_restarts += 1
+
+    # --- one worker ---------------------------------------------------------------------------------------
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            hello = await receive(reader)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             writer.close()
             return
-        shm = None
-        if shares_model and self.batcher is not None:
-            shm = SharedMemory(create=True, size=self.slots * (self.in_bytes + self.out_bytes))
-        client = _Client(index, pid, writer, shm, self.in_bytes, self.in_bytes + self.out_bytes,
-                         warm=shm is not None)
-        old = self.clients.get(index)
-        self.clients[index] = client
+        assert isinstance(hello, Hello)
+        worker = _Worker(hello.index, hello.pid, writer)
+        old = self.workers.get(worker.index)
+        self.workers[worker.index] = worker
         if old is not None:
             old.writer.close()
-        self.stats.workers = len(self.clients)
-        ready, reason = self._readiness()
-        writer.write(_frame(("welcome", None if shm is None else shm.name, self.slots, self.in_bytes,
-                             self.out_bytes, ready, reason)))
-        self._broadcast_ready()
-        log.info("worker %d (pid %d) connected", index, pid)
+        self.counters.workers = len(self.workers)
+        send(writer, Welcome(tuple(self.regions.values())))
+        log.info("worker %d (pid %d) connected", worker.index, worker.pid)
+        catch_up = asyncio.create_task(self._catch_up(worker))
         # the loop ends when the worker closes its end (it exited, or was killed): then clean up below
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, OSError):
             while True:
-                message = await _read(reader)
-                if message[0] == "infer":
-                    task = asyncio.create_task(self._infer(client, *message[1:]))
-                    client.tasks.add(task)
-                    task.add_done_callback(client.tasks.discard)
-                elif message[0] == "warm":
-                    client.warm = True
-                    self._broadcast_ready()
-                elif message[0] == "stats":
-                    asyncio.create_task(self._stats(client, message[1]))  # noqa: RUF006 - answers itself
-                elif message[0] == "snapshot":
-                    token, snapshot = message[1], message[2]
-                    if token in self._snapshots:
-                        self._snapshots[token][client.index] = snapshot
-                        if len(self._snapshots[token]) >= len(self.clients):
-                            self._snapshot_events[token].set()
-        if self.clients.get(index) is client:
-            del self.clients[index]
-        self.stats.workers = len(self.clients)
-        self._broadcast_ready()
-        if client.tasks:
-            await asyncio.wait(list(client.tasks))
-        writer.close()
-        _close_shm(client.shm)
+                self._dispatch(worker, await receive(reader))
+        catch_up.cancel()
+        await self._gone(worker)
 
-    async def _infer(self, client: _Client, request_id: int, slot: int, shape: tuple[int, ...],
-                     inline: bytes | None) -> None:
-        assert self.batcher is not None and client.shm is not None  # only workers sharing the model infer
-        if slot >= 0:
-            batch = np.ndarray(shape, np.float32, buffer=client.shm.buf, offset=slot * client.slot_bytes)
-        else:
-            assert inline is not None
-            batch = np.frombuffer(inline, np.float32).reshape(shape)
-        timing = RequestTiming()
-        reply: tuple[Any, ...]
+    async def _catch_up(self, worker: _Worker) -> None:
+        """A worker that connects holds every loaded model before it counts as up."""
+        if len(self.workers) >= self.expected:
+            self.all_connected.set()
         try:
-            logits = await self.batcher.infer(batch, timing)
-        except QueueFullError as exc:
-            reply = ("error", request_id, "full", 503, str(exc))
-        except QueueTimeoutError as exc:
-            reply = ("error", request_id, "timeout", 504, str(exc))
-        except ToolkitError as exc:
-            reply = ("error", request_id, "toolkit", exc.http_status, str(exc))
-        except Exception as exc:  # noqa: BLE001 - the worker answers it as a backend failure
-            reply = ("error", request_id, "backend", 500, f"{type(exc).__name__}: {exc}")
-        else:
-            logits = np.ascontiguousarray(logits, dtype=np.float32)
-            inline_out = None
-            if slot >= 0 and logits.nbytes <= client.slot_bytes - client.in_bytes:
-                offset = slot * client.slot_bytes + client.in_bytes
-                np.ndarray(logits.shape, np.float32, buffer=client.shm.buf, offset=offset)[...] = logits
-            else:
-                inline_out = logits.tobytes()
-            reply = ("ok", request_id, logits.shape, inline_out, timing.queue_s, timing.infer_s,
-                     timing.batch_size)
-        del batch
-        if not client.writer.is_closing():
-            client.writer.write(_frame(reply))
+            for attach in list(self.attachments.values()):
+                await self._attach(worker, attach)
+        except ModelLoadError as exc:
+            log.error("worker %d cannot hold the loaded models (%s); it is not up", worker.index, exc)
+            return
+        send(worker.writer, self.published)
+        worker.up = True
+        with contextlib.suppress(OSError):
+            self.pipe.send(WorkerUp(worker.index, worker.pid))
+        self.broadcast_readiness()
 
-    async def _stats(self, client: _Client, request_id: int) -> None:
+    async def _gone(self, worker: _Worker) -> None:
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        self.counters.workers = len(self.workers)
+        for future in worker.waiting.values():
+            if not future.done():
+                future.set_exception(ModelLoadError(f"worker {worker.index} exited"))
+        self.broadcast_readiness()
+        if worker.tasks:
+            await asyncio.wait(list(worker.tasks))
+        worker.writer.close()
+        for block in worker.blocks.values():
+            close_shm(block.shm)
+
+    def _dispatch(self, worker: _Worker, message: object) -> None:
+        match message:
+            case Infer():
+                self._spawn(worker, self._infer(worker, message))
+            case Attached(token=token) | Detached(token=token) | Applied(request_id=token):
+                future = worker.waiting.pop(token, None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+            case StatsQuery(request_id=request_id):
+                self._spawn(worker, self._stats(worker, request_id))
+            case Counters(request_id=token) if token in self._snapshots:
+                answers, complete, expected = self._snapshots[token]
+                answers[worker.index] = message
+                if len(answers) >= expected:
+                    complete.set()
+            case Control():
+                self._spawn(worker, self._control(worker, message))
+            case Regions():
+                self._spawn(worker, self._regions(worker, message))
+            case _:
+                log.error("unexpected message %r from worker %d", type(message).__name__, worker.index)
+
+    def _spawn(self, worker: _Worker, work: Any) -> None:
+        task = asyncio.create_task(work)
+        worker.tasks.add(task)
+        task.add_done_callback(worker.tasks.discard)
+
+    async def ask(self, worker: _Worker, make: Any) -> Any:
+        """Send `make(token)` to one worker and await its answer (a worker that exits fails it)."""
         token = next(self._tokens)
-        self._snapshots[token], self._snapshot_events[token] = {}, asyncio.Event()
-        for other in self.clients.values():
-            if not other.writer.is_closing():
-                other.writer.write(_frame(("snapshot", token)))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        worker.waiting[token] = future
+        send(worker.writer, make(token))
+        return await future
+
+    # --- models in the workers --------------------------------------------------------------------------
+
+    async def _attach(self, worker: _Worker, attach: Attach) -> ModelDescription:
+        slots = None
+        local = self.local.get(attach.uid)
+        if local is not None:  # the model runs here: the worker writes its batches into a block of its own
+            slots = self._block(worker, attach.uid, local)
+        answer: Attached = await self.ask(worker, lambda token: replace(attach, token=token, slots=slots))
+        if answer.failure is not None:  # the worker logged which it was; every worker fails alike
+            raise ModelLoadError(answer.failure.message)
+        return answer.description  # type: ignore[no-any-return]
+
+    def _block(self, worker: _Worker, uid: int, model: ServedModel) -> Slots:
+        """Slots for the largest batch a request to `model` may carry (larger ones travel inline)."""
+        limit = max(1, model.settings.max_batch_size)
+        in_bytes = int(np.prod(model.card.input_size)) * 4 * limit
+        out_bytes = model.card.num_classes * 4 * limit
+        count = max(4, min(64, SLOT_BUDGET // (in_bytes + out_bytes)))
+        shm = SharedMemory(create=True, size=count * (in_bytes + out_bytes))
+        slots = Slots(shm.name, count, in_bytes, out_bytes)
+        worker.blocks[uid] = _Block(shm, slots)
+        return slots
+
+    async def attach_everywhere(self, attach: Attach) -> ModelDescription:
+        self.attachments[attach.uid] = attach
+        workers = list(self.workers.values())
+        answers = await asyncio.gather(*(self._attach(w, attach) for w in workers), return_exceptions=True)
+        failures = [a for a in answers if isinstance(a, BaseException)]
+        if failures:
+            raise failures[0]
+        return answers[0]  # type: ignore[return-value]
+
+    async def detach_everywhere(self, uid: int) -> None:
+        self.attachments.pop(uid, None)
+        workers = list(self.workers.values())
+        await asyncio.gather(*(self.ask(w, lambda token: Detach(token, uid)) for w in workers),
+                             return_exceptions=True)
+        for worker in workers:
+            block = worker.blocks.pop(uid, None)
+            if block is not None:
+                close_shm(block.shm)
+
+    def publish(self, entries: tuple[IndexEntry, ...], routes: dict[str, dict[str, int]]) -> None:
+        self.published = Publish(entries, routes)
+        for worker in self.workers.values():
+            if worker.up:
+                send(worker.writer, self.published)
+
+    # --- what workers ask -----------------------------------------------------------------------------------
+
+    async def _infer(self, worker: _Worker, order: Infer) -> None:
+        """Feed a view of the worker's slot to the model's batcher, and write the logits back into it."""
+        model, block = self.local.get(order.uid), worker.blocks.get(order.uid)
+        if model is None or (block is None and order.slot >= 0):
+            failure = Failure(503, "ServiceUnavailableError", "the model was unloaded")
+            send(worker.writer, Refused(order.request_id, failure))
+            return
+        timing = RequestTiming()
+        if order.slot >= 0:
+            assert block is not None
+            offset = order.slot * block.slot_bytes
+            batch = np.ndarray(order.shape, np.float32, buffer=block.shm.buf, offset=offset)
+        else:
+            assert order.inline is not None
+            batch = np.frombuffer(order.inline, np.float32).reshape(order.shape)
+        try:
+            logits = np.ascontiguousarray(await model.batcher.infer(batch, timing), dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - the worker raises it again as the same error
+            send(worker.writer, Refused(order.request_id, Failure.of(exc)))
+            return
+        finally:
+            del batch
+        inline: bytes | None = logits.tobytes()
+        if block is not None and order.slot >= 0 and logits.nbytes <= block.slots.out_bytes:
+            offset = order.slot * block.slot_bytes + block.slots.in_bytes
+            np.ndarray(logits.shape, np.float32, buffer=block.shm.buf, offset=offset)[...] = logits
+            inline = None
+        send(worker.writer, Inferred(order.request_id, logits.shape, inline, timing.queue_s, timing.infer_s,
+                                     timing.batch_size))
+
+    async def _control(self, worker: _Worker, order: Control) -> None:
+        try:
+            await (self.control.load if order.action == "load" else self.control.unload)(order.name)
+        except Exception as exc:  # noqa: BLE001 - answered to the worker that was asked
+            send(worker.writer, Refused(order.request_id, Failure.of(exc)))
+            return
+        send(worker.writer, Done(order.request_id))
+
+    async def _regions(self, origin: _Worker, order: Regions) -> None:
+        """One worker registered or unregistered a region: every other one does the same before the client
+        hears back, so its next request may reach any worker."""
+        command = order.command
+        if command.key is not None:
+            self.regions[str(command.name)] = command
+        elif command.name is None:
+            self.regions.clear()
+        else:
+            self.regions.pop(command.name, None)
+        others = [w for w in self.workers.values() if w is not origin]
+        await asyncio.gather(*(self.ask(w, lambda token: Regions(token, command)) for w in others),
+                             return_exceptions=True)
+        send(origin.writer, Done(order.request_id))
+
+    async def _stats(self, worker: _Worker, request_id: int) -> None:
+        """Every worker's counters (asked now) merged with the models run here, for the one who asked."""
+        token, workers = next(self._tokens), list(self.workers.values())
+        answers: dict[int, Counters] = {}
+        complete = asyncio.Event()
+        self._snapshots[token] = (answers, complete, len(workers))
+        for each in workers:
+            send(each.writer, SnapshotQuery(token))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._snapshot_events[token].wait(), 5)
-        snapshots = list(self._snapshots.pop(token).values())
-        del self._snapshot_events[token]
-        self.stats.pending = 0 if self.batcher is None else self.batcher.pending
-        merged = Stats.merged([self.stats.snapshot(), *snapshots])
-        if not client.writer.is_closing():
-            client.writer.write(_frame(("stats", request_id, merged.snapshot())))
+            async with asyncio.timeout(5):  # a worker that does not answer is left out
+                await complete.wait()
+        del self._snapshots[token]
+        send(worker.writer, self._merged(request_id, list(answers.values())))
+
+    def _merged(self, request_id: int, answers: list[Counters]) -> Counters:
+        for model in self.local.values():
+            model.stats.pending = model.batcher.pending
+        models: dict[int, list[dict[str, Any]]] = {uid: [m.stats.snapshot()] for uid, m in self.local.items()}
+        for answer in answers:
+            for uid, snapshot in answer.models.items():
+                models.setdefault(uid, []).append(snapshot)
+        server = ServerCounters.merged([self.counters.snapshot(), *(a.server for a in answers)])
+        return Counters(request_id, {uid: Stats.merged(s).snapshot() for uid, s in models.items()},
+                        server.snapshot())
 
 
+class HubFleet:
+    """serve.control's Fleet across processes: a version is brought up in every worker (and here when it
+    is shared) before it is routed, and taken down everywhere after its requests finished."""
 
-def _describe(runner: Runner) -> dict[str, Any]:
-    try:
-        return dict(runner.describe())
-    except Exception:  # noqa: BLE001 - a description is optional
-        return {}
+    def __init__(self, hub: InferenceHub) -> None:
+        self.hub = hub
+
+    async def bring_up(self, spec: VersionSpec, uid: int) -> ModelDescription:
+        hub = self.hub
+        # with a model in every worker, the workers are its instances (--model-instances is refused there)
+        instances = None if hub.per_worker else spec.settings.instances
+        opener, copies, per_worker = placement(spec.opener, hub.expected, instances, hub.per_worker)
+        await hub.all_connected.wait()
+        attach = Attach(-1, uid, spec.name, spec.version, spec.settings)
+        if per_worker:
+            attach = replace(attach, spec=opener)
+        else:
+            model = await open_served(replace(spec, opener=opener), uid, copies=copies,
+                                      warmup=hub.config.warmup)
+            hub.local[uid] = model
+            attach = replace(attach, description=model.description)
+        try:
+            return await hub.attach_everywhere(attach)
+        except BaseException:
+            await self.take_down(uid)
+            raise
+
+    async def take_down(self, uid: int) -> None:
+        await self.hub.detach_everywhere(uid)
+        model = self.hub.local.pop(uid, None)
+        if model is not None:
+            await model.close(self.hub.config.drain_timeout_s)
+
+    def publish(self, entries: Any, routes: dict[str, dict[str, int]]) -> None:
+        self.hub.publish(tuple(entries), routes)
 
 
-def _loop_factory() -> Any:
-    """uvloop's event loop where installed (as uvicorn picks it), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        return None
-    return uvloop.new_event_loop
-
-
-def _inference_main(spec: Any, config: ServeConfig, path: str, control: Any, workers: int,
-                    level: str, instances: int = 1) -> None:
+def inference_main(source: ModelSource, config: ServeConfig, path: str, pipe: Any, workers: int,
+                   level: str, per_worker: bool | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this process stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _logging(level)
-    _name_process("toolkit-infer")
-    with contextlib.ExitStack() as stack:
-        try:
-            runners = [stack.enter_context(spec.open()) for _ in range(instances)]  # 0: workers run models
-        except Exception as exc:  # noqa: BLE001 - the reason the server cannot start
-            control.send(("failed", str(exc) or type(exc).__name__))
-            return
-        _run(InferenceHub(runners, config, control, path, workers).run(), _loop_factory())
+    setup_logging(level)
+    name_process("toolkit-infer")
+
+    async def main() -> None:
+        await InferenceHub(source, config, pipe, path, workers, per_worker).run()
+
+    run(main(), loop_factory())
 
 
 def placement(spec: Any, workers: int, instances: int | None = None,

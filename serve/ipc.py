@@ -1,4 +1,4 @@
-"""Typed messages between the serving processes, each declared once, and the little setup every process shares.
+"""Typed messages between the serving processes, each declared once, and the setup every process shares.
 
     parent (supervisor) <-pipe-> inference process <-Unix socket-> worker 0 .. N-1
                          <-pipe- worker (start failures only)
@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import mmap
-import os
 import pickle
 import struct
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 from toolkit.errors import ToolkitError
+from toolkit.runtime.cpu import usable_cores
 
 from . import errors
 
@@ -118,20 +118,27 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
-    """Shared-memory slots for this worker's batches (none when no model is shared) and the system
-    shared-memory regions clients registered so far."""
+    """The system shared-memory regions clients registered so far (a worker that starts later must
+    know them too)."""
 
-    shm_name: str | None
-    slots: int
-    in_bytes: int
-    out_bytes: int
     regions: tuple[RegionCommand, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
+class Slots:
+    """A shared-memory block for one model's batches from one worker: `count` slots, each an input of
+    up to `in_bytes` followed by its logits (`out_bytes`)."""
+
+    shm_name: str
+    count: int
+    in_bytes: int
+    out_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class Attach:
-    """Hold model `uid`: open it here from `spec` (a model in every worker), or with `spec` None reach the
-    inference process's copy. Answered by `Attached`."""
+    """Hold model `uid`: open `copies` of it here from `spec` (a model in every worker), or with `spec`
+    None reach the inference process's copy through `slots`. Answered by `Attached`."""
 
     token: int
     uid: int
@@ -140,6 +147,7 @@ class Attach:
     settings: Any  # serve.repository.ModelSettings
     description: Any = None  # serve.models.ModelDescription of the shared copy
     spec: Any = None  # an opener (`RunnerSpec`) when the worker runs the model itself
+    slots: Slots | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,10 +316,8 @@ def close_shm(shm: SharedMemory | None) -> None:
 # --- process setup, the same in every process ------------------------------------------------------
 
 def default_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    """The logical CPUs this process may run on (toolkit/runtime/cpu.py counts them for everyone)."""
+    return usable_cores()
 
 
 def run(main: Any, loop_factory: Any) -> None:

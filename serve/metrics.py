@@ -19,6 +19,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
 
@@ -108,7 +109,7 @@ class Stats:
             self.batch_infer_us[size] += infer_s * 1e6
 
     def v2_statistics(self, model: str, version: str,
-                      memory_usage: list[dict[str, object]] | None = None) -> dict[str, object]:
+                      memory_usage: list[dict[str, object]] | None = None) -> dict[str, Any]:
         """The KServe/Triton statistics extension document (`GET /v2/models/{name}/stats`).
 
         Per batch size, compute_input/compute_output are the summed phases of the requests that

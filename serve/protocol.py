@@ -4,11 +4,10 @@ gRPC (`serve.grpc`) call the same functions, so both answer every request as Tri
 The wire codec lives in `toolkit.v2` (shared with `RemoteRunner`); this module maps one served
 Runner onto it as Triton describes the same model exported with `toolkit export --format triton`:
 input "input" FP32 [-1, 3, H, W], output "logits" FP32 [-1, C], the config built by
-`toolkit.triton_config` (the same builder writes config.pbtxt). Requests are checked as Triton
-checks them, with Triton's messages (batch size, shape), and values are not inspected (NaN/Inf are
-the model's business) unless `reject_nonfinite` is set. Also here: the logging and trace settings
-objects, repository control (answered as Triton in model control mode "none"), and the
-shared-memory extension (regions in `serve.shm`).
+`toolkit.triton_config` (the same builder writes config.pbtxt) with the model's own serving settings.
+Requests are checked as Triton checks them, with Triton's messages (batch size, shape), and values
+are not inspected (NaN/Inf are the model's business) unless `reject_nonfinite` is set. Also here:
+the logging and trace settings objects and the shared-memory extension (regions in `serve.shm`).
 """
 
 from __future__ import annotations
@@ -18,13 +17,13 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from toolkit import __version__, triton_config
 from toolkit.card import ModelCard
-from toolkit.errors import InputError, ToolkitError
+from toolkit.errors import InputError
 from toolkit.v2 import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -42,16 +41,13 @@ from .config import ServeConfig
 from .errors import PayloadTooLargeError, UnsupportedMediaError
 from .shm import SharedMemoryError, SharedMemoryRegistry
 
+if TYPE_CHECKING:
+    from .models import ServedModel
+
 EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "model_repository", "statistics",
               "system_shared_memory", "cuda_shared_memory", "trace", "logging"]
 SHM_REGION, SHM_SIZE, SHM_OFFSET = "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"
 log = logging.getLogger("toolkit.serve")
-
-
-class RepositoryControlError(ToolkitError):
-    """Load/unload asked of a server whose model set is fixed at start (Triton: UNAVAILABLE, 503)."""
-
-    http_status = 503
 
 
 class SettingsError(InputError):
@@ -67,28 +63,38 @@ def _platform(backend: str) -> str:
             "torch": "pytorch", "openvino": "openvino"}.get(backend, backend)
 
 
-def model_metadata(config: ServeConfig, card: ModelCard, backend: str) -> dict[str, Any]:
+def _batch_dim(model: ServedModel) -> list[int]:
+    """The batch dimension of the model's tensors as Triton shows it: -1, none when it does not batch."""
+    return [-1] if model.settings.max_batch_size else []
+
+
+def model_metadata(model: ServedModel, versions: list[str] | None = None) -> dict[str, Any]:
+    card, batch = model.card, _batch_dim(model)
     return {
-        "name": config.name,
-        "versions": [config.version],
-        "platform": _platform(backend),
-        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *card.input_size]}],
-        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, card.num_classes]}],
+        "name": model.name,
+        "versions": versions or [model.version],
+        "platform": _platform(model.description.backend),
+        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [*batch, *card.input_size]}],
+        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [*batch, card.num_classes]}],
     }
 
 
-def model_config(config: ServeConfig, card: ModelCard, backend: str) -> dict[str, Any]:
-    """Triton's ModelConfig as JSON: the exported config.pbtxt's builder with this server's values,
-    plus the fields Triton fills in when it loads a config (backend, version policy)."""
+def model_config(model: ServedModel) -> dict[str, Any]:
+    """Triton's ModelConfig as JSON: the exported config.pbtxt's builder with this model's serving
+    settings, plus the fields Triton fills in when it loads a config (backend, version policy)."""
+    card, settings, backend = model.card, model.settings, model.description.backend
+    kind = settings.kind if settings.kind != "KIND_AUTO" else (
+        "KIND_GPU" if model.description.device.startswith("cuda") else "KIND_CPU")
     return triton_config.build(
-        name=config.name, platform=_platform(backend), backend=backend,
-        version_policy={"latest": {"num_versions": 1}}, max_batch_size=config.max_batch_size,
+        name=model.name, platform=_platform(backend), backend=backend,
+        version_policy=dict(settings.version_policy), max_batch_size=settings.max_batch_size,
         inputs=[triton_config.tensor(INPUT_NAME, "TYPE_FP32", card.input_size)],
         outputs=[triton_config.tensor(OUTPUT_NAME, "TYPE_FP32", [card.num_classes],
                                       triton_config.LABELS_FILE)],
-        card=card, max_queue_delay_us=int(config.max_delay_ms * 1000),
-        queue_policy={"max_queue_size": config.max_queue,
-                      "default_timeout_microseconds": int(config.timeout_s * 1e6)})
+        card=card, instance_count=settings.instances or 1, kind=kind, dynamic_batching=settings.batching,
+        max_queue_delay_us=int(settings.max_delay_ms * 1000),
+        queue_policy={"max_queue_size": settings.max_queue,
+                      "default_timeout_microseconds": int(settings.timeout_s * 1e6)})
 
 
 def memory_usage(source: str) -> list[dict[str, Any]]:
@@ -99,11 +105,6 @@ def memory_usage(source: str) -> list[dict[str, Any]]:
     from toolkit.fileio import artifact_size
 
     return [{"type": "CPU", "id": 0, "byte_size": artifact_size(path)}]
-
-
-def repository_control(action: str, name: str) -> None:
-    """Triton in model control mode "none" refuses explicit load/unload with UNAVAILABLE."""
-    raise RepositoryControlError("explicit model load / unload is not allowed if polling is enabled")
 
 
 # --- logging and trace settings (Triton's objects; logging levels act on the server's log) -----------
@@ -189,11 +190,6 @@ class ProtocolState:
 
     # --- shared memory ------------------------------------------------------------------------------
 
-    def register_system(self, name: str, body: Any) -> None:
-        if not isinstance(body, Mapping) or not isinstance(body.get("key"), str):
-            raise SharedMemoryError("register needs a JSON object with 'key', 'offset' and 'byte_size'")
-        self.shm.register(name, body["key"], body.get("offset", 0), body.get("byte_size"))
-
     def read_input(self, params: Mapping[str, Any], datatype: str, shape: list[int], name: str) -> np.ndarray:
         if datatype == "BYTES":
             raise ProtocolError(f"input {name!r}: BYTES inputs cannot come from shared memory here")
@@ -226,20 +222,28 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-def parse_infer(body: bytes, header_length: str | None, encoding: str | None, config: ServeConfig,
-                card: ModelCard, extensions: ProtocolState) -> tuple[InferRequest, np.ndarray]:
+def region_request(body: Any) -> tuple[str, Any, Any]:
+    """(key, offset, byte_size) of a system shared-memory register request's JSON body."""
+    if not isinstance(body, Mapping) or not isinstance(body.get("key"), str):
+        raise SharedMemoryError("register needs a JSON object with 'key', 'offset' and 'byte_size'")
+    return body["key"], body.get("offset", 0), body.get("byte_size")
+
+
+def parse_infer(body: bytes, header_length: str | None, encoding: str | None, model: ServedModel,
+                config: ServeConfig, extensions: ProtocolState) -> tuple[InferRequest, np.ndarray]:
     """A raw HTTP infer body -> (the parsed request, the model's float32 NCHW batch)."""
     request = decode_request(decompress(body, encoding, config.max_body_bytes), header_length,
                              extensions.read_input)
-    return request, input_batch(request, config, card)
+    return request, input_batch(request, model, config)
 
 
 def _dims(dims: Any) -> str:
     return "[" + ",".join(str(int(d)) for d in dims) + "]"  # Triton's DimsListToString
 
 
-def input_batch(request: InferRequest, config: ServeConfig, card: ModelCard) -> np.ndarray:
+def input_batch(request: InferRequest, model: ServedModel, config: ServeConfig) -> np.ndarray:
     """The one FP32 input as a float32 NCHW batch, checked in Triton's order with Triton's messages."""
+    card, name, limit = model.card, model.name, model.settings.max_batch_size
     prefix = f"[request id: {request.id}] " if request.id else ""
     expected = f"FP32 [N, {', '.join(map(str, card.input_size))}]"
     if len(request.inputs) != 1:
@@ -250,18 +254,17 @@ def input_batch(request: InferRequest, config: ServeConfig, card: ModelCard) -> 
         raise ProtocolError(f"{prefix}unknown input {tensor.name!r}; expected {INPUT_NAME!r} {expected}")
     if tensor.datatype != "FP32":
         raise ProtocolError(f"{prefix}inference input '{INPUT_NAME}' data-type is '{tensor.datatype}', but "
-                            f"model '{config.name}' expects 'FP32'")
+                            f"model '{name}' expects 'FP32'")
     shape = [int(d) for d in tensor.data.shape]
     full = [-1, *card.input_size]
     if not shape:
         raise ProtocolError(f"{prefix}input '{INPUT_NAME}' has no shape but model requires batch dimension "
-                            f"for '{config.name}'")
-    if shape[0] > config.max_batch_size:
-        raise ProtocolError(f"{prefix}inference request batch-size must be <= {config.max_batch_size} for "
-                            f"'{config.name}'")
+                            f"for '{name}'")
+    if limit and shape[0] > limit:  # max_batch_size 0: the model does not batch; the runner checks N
+        raise ProtocolError(f"{prefix}inference request batch-size must be <= {limit} for '{name}'")
     if shape[1:] != list(card.input_size):
         raise ProtocolError(
-            f"{prefix}unexpected shape for input '{INPUT_NAME}' for model '{config.name}'. Expected "
+            f"{prefix}unexpected shape for input '{INPUT_NAME}' for model '{name}'. Expected "
             f"{_dims(full)}, got {_dims(shape)}. NOTE: Setting a non-zero max_batch_size in the model config "
             "requires a batch dimension to be prepended to each input shape. If you want to specify the full "
             "shape including the batch dim in your input dims config, try setting max_batch_size to zero. "
@@ -301,8 +304,8 @@ def response_tensors(request: InferRequest, logits: np.ndarray, card: ModelCard,
     return outputs
 
 
-def infer_response(request: InferRequest, logits: np.ndarray, config: ServeConfig, card: ModelCard,
+def infer_response(request: InferRequest, logits: np.ndarray, model: ServedModel,
                    extensions: ProtocolState) -> tuple[bytes, int | None]:
     """The HTTP body (and binary header length, None for pure JSON) of an inference response."""
-    return encode_response(config.name, config.version, response_tensors(request, logits, card, extensions),
-                           request.id)
+    tensors = response_tensors(request, logits, model.card, extensions)
+    return encode_response(model.name, model.version, tensors, request.id)

@@ -88,7 +88,8 @@ class ModelSource(Protocol):
     def names(self) -> list[str]: ...
 
     def read(self, name: str) -> list[VersionSpec]:
-        """The versions to serve; raises UnknownModelError, or ModelLoadError with the reason."""
+        """The versions to serve; raises UnknownModelError, or ModelLoadError with the reason (which the
+        caller words as the load's failure)."""
         ...
 
 
@@ -118,8 +119,8 @@ class RepositoryModels:
                    if d.is_dir() and d.name.isdigit() and int(d.name) > 0 and (d / filename).is_file()]
         versions = triton_config.select_versions(settings.version_policy, present)
         if not versions:
-            raise ModelLoadError(f"failed to load '{name}': at least one version must be available under the "
-                                 f"version policy of model '{name}' (no <version>/{filename} found)")
+            raise ModelLoadError(f"at least one version must be available under the version policy of model "
+                                 f"'{name}' (no <version>/{filename})")
         device = {"KIND_GPU": "cuda", "KIND_CPU": "cpu"}.get(settings.kind, self.template.device)
         return [VersionSpec(name, str(v), dataclasses.replace(
             self.template, model=str(folder / str(v) / filename), device=device), settings) for v in versions]
@@ -133,11 +134,10 @@ def _read_config(folder: Path) -> dict[str, Any] | None:
         parsed = triton_config.parse(path.read_text("utf-8"))
         triton_config.serving_settings(parsed)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelLoadError(f"failed to load '{folder.name}': {path}: {exc}") from None
+        raise ModelLoadError(f"{path}: {exc}") from None
     given = parsed.get("name")
     if given not in (None, "", folder.name):
-        raise ModelLoadError(f"failed to load '{folder.name}': the config names the model {given!r}, but its "
-                             f"folder is {folder.name!r}")
+        raise ModelLoadError(f"the config names the model {given!r}, but its folder is {folder.name!r}")
     return parsed
 
 
@@ -148,8 +148,8 @@ def _model_file(name: str, model_config: Mapping[str, Any]) -> str:
         return str(model_config["default_model_filename"])
     kind = str(model_config.get("platform") or model_config.get("backend") or "onnxruntime_onnx")
     if kind not in MODEL_FILES:
-        raise ModelLoadError(f"failed to load '{name}': platform/backend '{kind}' is not served here (this "
-                             "server runs onnxruntime_onnx, tensorrt_plan and pytorch_libtorch models)")
+        raise ModelLoadError(f"platform/backend '{kind}' is not served here (this server runs "
+                             "onnxruntime_onnx, tensorrt_plan and pytorch_libtorch models)")
     return MODEL_FILES[kind]
 
 

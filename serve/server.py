@@ -3,8 +3,8 @@
 uvicorn's own handler stops listening at once; a load balancer then sees refused connections
 instead of a clean 503 and an honest readiness probe. Here the first SIGTERM/SIGINT only starts
 draining; the process exits (code 0) once no request is in flight, or after `drain_timeout_s`.
-A second signal exits immediately. A model whose warm-up fails stops the server: `serve` raises
-`ServeStartupError` with the reason (the CLI exits 1).
+A second signal exits immediately. A port in use, or a model that must load and cannot, stops the
+server: `serve` raises `ServeStartupError` with the reason (the CLI exits 1).
 
 The connection layer is `serve.connection` (httptools with header size/time limits and a
 connection cap); the request guard is `serve.guards`, behind it `serve.hotpath` answers the two
@@ -24,8 +24,7 @@ from typing import Any
 
 import uvicorn
 
-from toolkit.runtime.base import Runner
-
+from . import ports
 from .app import create_app
 from .config import ServeConfig
 from .connection import protocol_for
@@ -38,15 +37,22 @@ log = logging.getLogger("toolkit.serve")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+    """uvicorn's server with the drain. Not `interruptible`: SIGINT is ignored (a worker process, whose
+    parent drains it with SIGTERM; a terminal's Ctrl-C reaches every process of the group, and a second
+    signal would cut the drain short)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, interruptible: bool = True) -> None:
         super().__init__(config)
         self.state = state
+        self.interruptible = interruptible
         state.on_fatal = self._stop
 
     def _stop(self) -> None:
         self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGINT and not self.interruptible:
+            return
         state = self.state
         if state.draining or state.loop is None:
             self.should_exit = True
@@ -54,19 +60,19 @@ class DrainingServer(uvicorn.Server):
             return
         state.draining = True
         log.info("received %s: draining (%d requests in flight)", signal.Signals(sig).name,
-                 state.stats.in_flight)
+                 state.counters.in_flight)
         state.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.state.config.drain_timeout_s
-        while self.state.stats.in_flight > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - a counter
+        while self.state.counters.in_flight > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - a counter
             await asyncio.sleep(0.05)
         self.should_exit = True
 
 
-def uvicorn_config(runner: Runner, config: ServeConfig, app: Any = None,
+def uvicorn_config(models: Any, config: ServeConfig, app: Any = None,
                    **overrides: object) -> tuple[uvicorn.Config, ServerState]:
-    app = app if app is not None else create_app(runner, config)
+    app = app if app is not None else create_app(models, config)
     state: ServerState = app.state.toolkit
     options: dict[str, object] = {
         "host": config.host, "port": config.port, "log_level": "info", "access_log": False,
@@ -78,12 +84,20 @@ def uvicorn_config(runner: Runner, config: ServeConfig, app: Any = None,
     return uvicorn.Config(guarded(HotPath(app, state), state), **options), state  # type: ignore[arg-type]
 
 
-def serve(runner: Runner, config: ServeConfig, **overrides: object) -> None:
-    """Serve until SIGTERM/SIGINT, then drain. Blocks. The caller closes the runner afterwards.
+def serve(models: Any, config: ServeConfig, **overrides: object) -> None:
+    """Serve until SIGTERM/SIGINT, then drain. Blocks. `models`: a ModelSource (serve.repository), an
+    opened Runner (the caller closes it afterwards) or an opener.
 
-    Raises ServeStartupError when the model cannot be served (its warm-up failed).
+    Raises ServeStartupError when a port is in use or a model that must load cannot be served.
     """
-    uv_config, state = uvicorn_config(runner, config, **overrides)
-    DrainingServer(uv_config, state).run()
-    if state.warmup_error is not None:
-        raise ServeStartupError(f"cannot serve {config.name!r}: {state.warmup_error}")
+    sock = ports.reserve(config.host, config.port, "", ports.HTTP_HINT)
+    try:
+        if config.grpc_port:
+            ports.probe(config.host, config.grpc_port, ports.GRPC, ports.GRPC_HINT)
+        sock.listen(2048)
+        uv_config, state = uvicorn_config(models, config, **overrides)
+        DrainingServer(uv_config, state).run(sockets=[sock])
+    finally:
+        sock.close()
+    if state.fatal is not None:
+        raise ServeStartupError(f"cannot serve: {state.fatal}")

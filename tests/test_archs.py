@@ -37,6 +37,7 @@ def test_every_architecture_builds_with_any_head_and_is_recognised(arch):
     assert model.fc.out_features == 37
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, size", [("resnet20", 32), ("resnext29_32x4d", 32), ("resnet18", 64)])
 def test_forward_gives_logits_per_class(arch, size):
     model = build_model(arch, 5)
@@ -45,6 +46,7 @@ def test_forward_gives_logits_per_class(arch, size):
     assert out.shape == (2, 5) and torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_torchvision_names_match_torchvision():
     import torchvision
 
@@ -72,6 +74,7 @@ def test_cifar_resnet_takes_plain_arguments_like_torchvision_resnet():
         CifarResNet(BasicBlock, [3, 3, 3], shortcut="C")
 
 
+@pytest.mark.slow
 def test_variant_resnet_with_defaults_is_torchvisions_resnet():
     from torchvision.models.resnet import Bottleneck, ResNet
 

@@ -69,6 +69,7 @@ def test_onnx_fp32_facts_round_trip(sample_onnx_fp32, sample_card):
     assert {ONNX_CARD_KEY, ONNX_FACTS_KEY} <= props and "toolkit.precision" not in props  # one place only
 
 
+@pytest.mark.slow
 def test_onnx_fp16_and_int8_facts(sample_model, sample_onnx_int8, tmp_path):
     from export.onnx import export
     from toolkit.checkpoint import load_checkpoint
@@ -85,6 +86,7 @@ def test_onnx_fp16_and_int8_facts(sample_model, sample_onnx_int8, tmp_path):
         assert runner.precision == "fp16" and runner.facts.precision == "fp16"
 
 
+@pytest.mark.slow
 def test_older_onnx_files_still_read(sample_onnx_fp32, sample_onnx_int8, tmp_path):
     """Before the facts: `toolkit.precision` (+ `toolkit.calibration`) only, or nothing but the card."""
     old_int8 = _without(sample_onnx_int8, tmp_path / "old.int8.onnx", ONNX_FACTS_KEY,
@@ -100,6 +102,7 @@ def test_older_onnx_files_still_read(sample_onnx_fp32, sample_onnx_int8, tmp_pat
     assert info["precision"] == "fp32" and info["inputs"][0]["shape"] == ["batch", 3, 32, 32]
 
 
+@pytest.mark.slow
 def test_deeply_nested_card_or_facts_is_malformed_not_a_recursion_error(sample_onnx_fp32, tmp_path):
     deep = "[" * 100_000 + "]" * 100_000
     for key in (ONNX_CARD_KEY, ONNX_FACTS_KEY):
@@ -122,6 +125,7 @@ def test_onnx_input_that_disagrees_with_its_card_is_refused_at_open(sample_onnx_
 
 # --- TorchScript ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_torchscript_facts_round_trip(sample_model, sample_card, sample_test, tmp_path, precision):
     from export import torchscript
@@ -144,6 +148,7 @@ def test_torchscript_facts_round_trip(sample_model, sample_card, sample_test, tm
         assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.95 and got.dtype == np.float32
 
 
+@pytest.mark.slow
 def test_older_torchscript_without_facts_reads_as_fp32(sample_model, tmp_path):
     from export import torchscript
     from toolkit.checkpoint import load_checkpoint
@@ -231,6 +236,7 @@ def test_safetensors_and_non_torch_files(sample_model, tmp_path):
         detect_format(tmp_path / "x.weird")
 
 
+@pytest.mark.slow
 def test_validate_accepts_a_th_checkpoint(sample_model, tmp_path):
     import shutil
 
@@ -316,6 +322,7 @@ def test_require_checkpoint_is_the_one_check_and_names_every_suffix(sample_model
     assert f"{sample_onnx_fp32} is an onnx artifact: use `toolkit info` or `toolkit eval` on it" in message
 
 
+@pytest.mark.slow
 def test_the_cli_offers_the_registry_backends(sample_onnx_fp32):
     """In a fresh process the registry line alone makes `--backend numpy` work on the command line."""
     from toolkit.cli import BackendName

@@ -106,6 +106,25 @@ def test_benchmark_rows_json_and_chart(sample_model, tmp_path, monkeypatch):
     assert (tmp_path / "resnet20_digits.int8.onnx").is_file()
 
 
+@pytest.mark.slow
+def test_benchmark_card_flags_reach_every_row_and_limit_is_balanced(sample_model, tmp_path):
+    """The torch reference, the timing images and every export open the checkpoint with the same card
+    flags: with an odd normalisation all rows still answer alike, and the artifact carries it."""
+    import export.benchmark as bench
+    from toolkit.card_layers import CardFlags
+    from toolkit.runtime.registry import read_artifact
+
+    flags = CardFlags.parse(mean="0.2,0.2,0.2", std="0.5,0.5,0.5")
+    result = bench.run_benchmark(sample_model, formats=["torch", "onnx"], precisions=["fp32"], limit=40,
+                                 batch_sizes=[16], output_dir=tmp_path, latency_runs=3, min_seconds=0.05,
+                                 verify_samples=32, card_flags=flags)
+    assert result["sampling"] == "40 of 360 images, class-balanced (seed 0)" and result["num_samples"] == 40
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["onnxruntime fp32"]["status"] == "ok" and rows["onnxruntime fp32"]["agreement"] == 1.0
+    card, _ = read_artifact(tmp_path / "resnet20_digits.onnx")
+    assert card.mean == (0.2, 0.2, 0.2) and card.std == (0.5, 0.5, 0.5)
+
+
 def test_benchmark_cli_table(sample_model):
     result = CliRunner().invoke(app, ["benchmark", "-m", str(sample_model), "--dataset", "sample",
                                       "--formats", "torch,torchscript", "--limit", "32",
@@ -114,3 +133,44 @@ def test_benchmark_cli_table(sample_model):
     assert "torchscript fp32" in result.output and "speed-up" in result.output
     torch_row = result.output.split("torch fp32")[1].splitlines()[0]
     assert " ok " in torch_row and "1.00x" in torch_row
+
+
+# --- torch.export and AOTInductor rows (issue 21) ------------------------------------------------------
+
+def test_plan_offers_the_torch_export_and_aoti_rows():
+    from export.benchmark import plan
+
+    assert [v.label for v in plan(["pt2", "aoti"], None)] == ["torch fp32", "pt2 fp32", "aoti fp32"]
+
+
+def _row(name: str, throughput: float, *, status: str = "ok", accuracy: float = 0.9,
+         mcnemar_p: float | None = 1.0) -> dict:
+    backend = name.split()[0]
+    return {"name": name, "backend": backend, "status": status, "throughput": throughput,
+            "best_batch_size": 32, "speedup": throughput / 100, "accuracy": accuracy, "mcnemar_p": mcnemar_p}
+
+
+def test_recommendation_names_the_fastest_row_without_a_significant_accuracy_loss():
+    from export.benchmark import recommendation
+
+    rows = [_row("torch fp32", 100, mcnemar_p=None),
+            _row("onnxruntime int8", 900, accuracy=0.7, mcnemar_p=0.001),  # faster, but significantly worse
+            _row("tensorrt fp16", 5000, status="skipped"), _row("aoti fp32", 250), _row("pt2 fp32", 110)]
+    line = recommendation(rows, "cpu")
+    assert line is not None and line.startswith("fastest CPU path here: aoti fp32 (AOTInductor package)")
+    assert "250 img/s at batch 32, 2.50x torch eager fp32" in line
+    # significantly MORE accurate is no reason to skip a row
+    rows[1]["accuracy"] = 0.95
+    assert "onnxruntime int8 (ONNX Runtime)" in (recommendation(rows, "cpu") or "")
+    assert recommendation([], "cpu") is None
+
+
+def test_benchmark_runs_the_torch_export_and_aoti_rows(sample_model):
+    result = CliRunner().invoke(app, ["benchmark", "-m", str(sample_model), "--dataset", "sample",
+                                      "--formats", "torch,pt2,aoti", "--limit", "64", "--batch-sizes", "16"])
+    assert result.exit_code == 0, result.output
+    for name in ("pt2 fp32", "aoti fp32"):
+        row = result.output.split(name)[1].splitlines()[0]
+        assert " ok " in row and "100.00 %" in row, result.output  # agreement with torch eager
+    assert "fastest CPU path here: " in result.output
+

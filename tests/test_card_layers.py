@@ -114,9 +114,10 @@ def test_flags_override_an_onnx_card_in_predict(sample_onnx_fp32, tmp_path):
     assert wrong.exit_code == 2 and "lists 100 classes but the model has 10 outputs" in wrong.output
 
 
+@pytest.mark.slow
 def test_checkpoint_flags_reach_the_exported_card(sample_model, tmp_path):
     """`export --mean/--std`: the ONNX carries the merged card (flag over the sidecar card)."""
-    from toolkit.artifacts import read_artifact
+    from toolkit.runtime.registry import read_artifact
 
     out = tmp_path / "flagged.onnx"
     result = invoke("export", "-m", sample_model, "-o", out, "--no-verify", "--mean", "0.3,0.3,0.3",

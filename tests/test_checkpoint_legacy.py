@@ -38,6 +38,7 @@ def pytorch_03_checkpoint(path, arch: str = "resnet20") -> nn.Module:
     return model
 
 
+@pytest.mark.slow
 def test_a_pytorch_03_checkpoint_loads_and_says_so(tmp_path):
     model = pytorch_03_checkpoint(tmp_path / "resnet20-old.th")
     ckpt = load_checkpoint(tmp_path / "resnet20-old.th")
@@ -53,6 +54,7 @@ def test_a_pytorch_03_checkpoint_loads_and_says_so(tmp_path):
             assert np.abs(runner(x.numpy()) - model(x).numpy()).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_the_validate_report_shows_the_notes_and_the_record(tmp_path):
     from toolkit.validate import validate_checkpoint
 
@@ -115,6 +117,7 @@ def test_storages_saved_on_a_gpu_load_on_the_cpu(tmp_path, zipped):
     assert all(torch.equal(ckpt.state_dict[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("container", ["torch", "safetensors"])
 def test_half_and_double_precision_weights_load_and_are_reported(tmp_path, dtype, container):
@@ -149,6 +152,7 @@ def test_other_floating_types_get_one_line(tmp_path, dtype):
     assert not report.valid and dtype in report.problems[0].message
 
 
+@pytest.mark.slow
 def test_training_script_records(tmp_path):
     """pytorch/examples' ImageNet script saves best_acc1 as a tensor; timm's train.py saves its argparse
     Namespace (plain data: allowed without --allow-pickle) and `metric`."""

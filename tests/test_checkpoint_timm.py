@@ -99,6 +99,7 @@ def test_the_toolkit_never_imports_timm_or_transformers():
 TIMM_NAMES = sorted(name for name in ARCHS if ARCHS[name].stem == "imagenet")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TIMM_NAMES)
 def test_every_registered_imagenet_name_is_timms_network(name):
     """Each registry entry has timm's tensors under timm's name (shapes on the meta device: free)."""

@@ -16,6 +16,7 @@ OUTPUT_FILES = ("predictions.csv", "confusion_matrix.csv", "confusion_matrix.png
                 "report.html")
 
 
+@pytest.mark.slow
 def test_eval_json_and_output_dir_on_onnx(sample_onnx_fp32, tmp_path):
     result = invoke("eval", "-m", sample_onnx_fp32, "--dataset", "sample", "--limit", 40, "--batch-size", 16,
                     "--output-dir", tmp_path, "--json")
@@ -28,12 +29,14 @@ def test_eval_json_and_output_dir_on_onnx(sample_onnx_fp32, tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
 
 
+@pytest.mark.slow
 def test_eval_table_on_checkpoint(sample_model):
     result = invoke("eval", "-m", sample_model, "--dataset", "sample", "--limit", 30)
     assert result.exit_code == 0, result.output
     assert "macro avg" in result.output and "weighted avg" in result.output and "img/s" in result.output
 
 
+@pytest.mark.slow
 def test_eval_progress_bar_belongs_to_the_cli(sample_model, monkeypatch):
     """The CLI draws the bar (on a terminal) from evaluate()'s progress callback: every image counted once."""
     import toolkit.report

@@ -60,6 +60,7 @@ def test_export_torchscript_and_int8_default_names(ckpt):
     assert facts["precision"] == "int8" and "method=minmax" in facts["calibration"]
 
 
+@pytest.mark.slow
 def test_static_export_reports_fixed_batch(ckpt, tmp_path):
     out = tmp_path / "static.onnx"
     result = invoke("export", "-m", ckpt, "-o", out, "--static", "--batch-size", "8", "--opset", "17",
@@ -70,6 +71,7 @@ def test_static_export_reports_fixed_batch(ckpt, tmp_path):
     assert facts["inputs"][0]["shape"] == [8, 3, 32, 32] and facts["opset"] == 17
 
 
+@pytest.mark.slow
 def test_failed_verification_keeps_artifact_aside_and_good_file(ckpt, tmp_path):
     good = tmp_path / "model.onnx"
     good.write_bytes(b"a good artifact from before")

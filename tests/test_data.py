@@ -80,7 +80,7 @@ def test_preprocess_arrays_equal_the_pil_path():
 # --- --limit: a seeded, class-balanced subset (issue 18 item 6) ----------------------------------
 
 def folder_like(counts: list[int]) -> Dataset:
-    """A class-per-folder listing (files sorted by class, as load_image_folder lists them); no files needed."""
+    """A class-per-folder listing (sorted by class, as load_image_folder lists it); no files needed."""
     from pathlib import Path
 
     labels = np.repeat(np.arange(len(counts)), counts)

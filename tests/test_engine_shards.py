@@ -70,6 +70,7 @@ def test_a_folder_of_another_job_is_refused_not_mixed(tmp_path):
         ShardStore(tmp_path / "x", JOB, 5, EVAL_COLUMNS, fmt="csv")
 
 
+@pytest.mark.slow
 def test_shards_survive_a_report_that_replaces_its_folder_whole(tmp_path, monkeypatch, sample_test,
                                                                 sample_card):
     """`eval --output-dir` swaps the report folder in whole; Ray's predictions/ shards carry over, and a

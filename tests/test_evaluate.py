@@ -56,6 +56,7 @@ def check_against_sklearn(report: EvalReport) -> None:
         assert row["support"] == sup[i]
 
 
+@pytest.mark.slow
 def test_torch_eval_matches_sklearn_and_logits(torch_runner, sample_subset, torch_report):
     data = torch_report.to_dict()
     assert set(data) >= CONTRACT_KEYS
@@ -88,6 +89,7 @@ def test_int8_onnx_eval(sample_onnx_int8, sample_subset, torch_report):
     check_against_sklearn(report)
 
 
+@pytest.mark.slow
 def test_a_limited_eval_says_how_it_drew_and_precision_agreement_pairs_the_same_images(torch_runner,
                                                                                       torch_report):
     """--limit draws a class-balanced subset; comparing on fewer images pairs each answer with its own
@@ -103,6 +105,7 @@ def test_a_limited_eval_says_how_it_drew_and_precision_agreement_pairs_the_same_
                                                       torch_report.labels[chosen]))
 
 
+@pytest.mark.slow
 def test_outputs_written(torch_report, tmp_path):
     from toolkit.report import write_eval_outputs
 
@@ -116,7 +119,7 @@ def test_outputs_written(torch_report, tmp_path):
     rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
     assert rows[0] == "index,input,label,predicted,confidence" and len(rows) == LIMIT + 1
     index, name, label, predicted, conf = rows[1].split(",")
-    assert index == "0" and name == torch_report.ids[0] == "sample-test[4]"  # the source's image, drawn by --limit
+    assert index == "0" and name == torch_report.ids[0] == "sample-test[4]"  # the source's own index
     assert label == torch_report.class_names[torch_report.labels[0]]
     assert predicted == torch_report.class_names[torch_report.predictions[0]]
     assert float(conf) == pytest.approx(torch_report.confidences[0], abs=1e-6) and 0 < float(conf) <= 1
@@ -213,6 +216,7 @@ def test_progress_callback_counts_every_image(sample_subset, sample_card):
 
 # --- the prefetch thread ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_prefetched_order_errors_and_early_stop():
     assert list(prefetched(range(10), depth=2)) == list(range(10))
 
@@ -241,6 +245,7 @@ def test_prefetched_order_errors_and_early_stop():
     assert threading.active_count() <= before  # and it stopped
 
 
+@pytest.mark.slow
 def test_prefetch_overlaps_preparation_with_inference(sample_card):
     """Slow data + slow model: end-to-end time is near max(data, model), not their sum."""
     class SlowData(Dataset):

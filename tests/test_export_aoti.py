@@ -124,7 +124,8 @@ def test_another_cpu_isa_is_told_to_rebuild(cifar_aoti, tmp_path):
 
 
 def test_a_package_runs_only_at_its_own_precision(cifar_aoti):
-    with pytest.raises(UsageError, match="compiled at fp32; for bf16, export one with --format aoti --precision bf16"):
+    with pytest.raises(UsageError, match="compiled at fp32; for bf16, export one with --format aoti "
+                                         "--precision bf16"):
         open_model(cifar_aoti, precision="bf16")
 
 
@@ -132,7 +133,7 @@ def test_no_cpp_compiler_is_one_line_before_any_work(cifar, tmp_path, monkeypatc
     from torch._inductor import config
 
     monkeypatch.setattr(config.cpp, "cxx", (None, "no-such-c++"))
-    with pytest.raises(BackendUnavailableError, match="needs a C\\+\\+ compiler.*no-such-c\\+\\+"):
+    with pytest.raises(BackendUnavailableError, match=r"needs a C\+\+ compiler.*no-such-c\+\+"):
         run_export(cifar, "aoti", tmp_path / "x.aoti.pt2")
     result = invoke("export", "-m", cifar, "--format", "aoti", "-o", tmp_path / "y.aoti.pt2")
     assert result.exit_code == 1 and "export --format pt2" in result.output

@@ -58,6 +58,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("arch", "size", "opset"), CASES)
 def test_onnx_round_trip_agrees_with_eager(tmp_path, arch, size, opset):
     model, card = random_net(arch, size)
@@ -71,6 +72,7 @@ def test_onnx_round_trip_agrees_with_eager(tmp_path, arch, size, opset):
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporaries left
 
 
+@pytest.mark.slow
 def test_static_batch_pads_and_chunks(tmp_path):
     model, card = random_net("resnet20", 32)
     path = onnx_export.export(model, card, tmp_path / "s.onnx", opset=17, dynamic=False, batch_size=4)
@@ -80,6 +82,7 @@ def test_static_batch_pads_and_chunks(tmp_path):
         assert_close(runner(batch), eager(model, batch))
 
 
+@pytest.mark.slow
 def test_fp16_keeps_float32_io_and_agrees(tmp_path):
     import onnx
 
@@ -97,6 +100,7 @@ def test_fp16_keeps_float32_io_and_agrees(tmp_path):
         assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.9
 
 
+@pytest.mark.slow
 def test_external_data_for_large_models(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1)  # pretend the model is over 2 GB
     model, card = random_net("resnet20", 32)
@@ -115,6 +119,7 @@ def test_opset_out_of_range_is_a_usage_error(tmp_path, opset):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_failed_check_leaves_nothing_behind(tmp_path, monkeypatch):
     import onnx
 

@@ -167,8 +167,39 @@ def test_options_parse_flat_names_and_typed_instances():
     assert job.option(TensorRTOptions).max_batch == 8 and job.option(TritonOptions).name == "digits"
 
 
+# --- the phases: resolve -> build -> verify -> publish --------------------------------------------------
+
+def test_resolve_checks_everything_and_draws_calibration_once(ckpt, sample_onnx_fp32):
+    """Phase 1 reads no weights and writes nothing: flat names and a settings object are one thing, the
+    int8 opset default applies, and the calibration images are drawn once (the quantiser reads the same
+    object verification holds out)."""
+    from export.pipeline import ExportSettings, resolve
+
+    plan = resolve(ckpt, "onnx", settings=ExportSettings(calib_size=64), precision="int8",
+                   calib_dataset="sample")
+    assert plan.settings.precision == "int8" and plan.settings.calib_size == 64 and plan.onnx.opset == 19
+    assert plan.int8.dataset.name == "sample-train" and plan.checks.name == "sample-test"
+    assert plan.int8.calibration is plan.int8.calibration and len(plan.int8.calibration) == 64
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name, ckpt.name + ".card.json"]
+    with pytest.raises(UsageError, match="`export` needs a training checkpoint"):
+        resolve(sample_onnx_fp32, "onnx")
+
+
+@pytest.mark.slow
+def test_card_flags_reach_the_artifact(ckpt, tmp_path):
+    from toolkit.card_layers import CardFlags
+    from toolkit.runtime.registry import read_artifact
+
+    flags = CardFlags.parse(mean="0.4,0.4,0.4", std="0.2,0.2,0.2")
+    result = run_export(ckpt, "onnx", tmp_path / "flagged.onnx", card_flags=flags, verify_samples=32)
+    assert result.ok and result.card.mean == (0.4, 0.4, 0.4)
+    card, _ = read_artifact(result.path)
+    assert card.mean == (0.4, 0.4, 0.4) and card.std == (0.2, 0.2, 0.2)
+
+
 # --- data loss: where the output goes ------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("torchscript", ".ts")])
 def test_output_folder_means_inside_it(ckpt, tmp_path, fmt, suffix):
     out = tmp_path / "exports"
@@ -183,6 +214,7 @@ def test_output_folder_means_inside_it(ckpt, tmp_path, fmt, suffix):
     assert after == before  # nothing else added, changed or removed
 
 
+@pytest.mark.slow
 def test_a_folder_in_the_way_is_never_replaced(ckpt, tmp_path):
     blocker = tmp_path / "exports" / "resnet20_digits.onnx"  # a folder where the file would go
     blocker.mkdir(parents=True)
@@ -213,6 +245,7 @@ def test_output_that_is_the_input_is_refused(ckpt, tmp_path):
     assert sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name, ckpt.name + ".card.json"]
 
 
+@pytest.mark.slow
 def test_output_dot_touches_only_the_new_file(ckpt, monkeypatch):
     folder = ckpt.parent
     (folder / "resnet20_digits").mkdir()  # a folder named like the stem
@@ -286,6 +319,7 @@ def test_next_export_restores_a_model_lost_between_the_two_renames(ckpt, tmp_pat
     assert (aside / "config.pbtxt").is_file() and str(aside) in result.output.replace("\n", "")
 
 
+@pytest.mark.slow
 def test_stale_staging_of_a_killed_export_is_removed_but_not_a_live_one(ckpt, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -309,6 +343,7 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["staging", "write", "publish"])
 def test_full_disk_is_one_line_and_nothing_partial(ckpt, tmp_path, monkeypatch, point):
     out = tmp_path / "out"
@@ -369,6 +404,7 @@ def _fill(folder: Path) -> None:
     assert shutil.disk_usage(folder).free == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("full", [True, False], ids=["0-free", "100k-free"])
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "triton"])
 def test_real_full_filesystem(ckpt, tiny_disk, fmt, full):

@@ -114,6 +114,7 @@ def imagenet(tmp_path_factory):
 
 # --- exporting -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cifar_program_is_verified_named_and_predicts_as_eager(cifar, cifar_pt2, sample_test):
     from toolkit.runtime.pt2_runner import ExportedProgramRunner
 
@@ -132,6 +133,7 @@ def test_imagenet_stem_program_with_a_small_batch_range(imagenet, tmp_path, samp
     assert_same_predictions_as_eager(result.path, imagenet, sample_test.subset(96))  # 50s split into 8s
 
 
+@pytest.mark.slow
 def test_static_program_pads_smaller_batches(cifar, tmp_path):
     result = run_export(cifar, "pt2", tmp_path / "static.pt2", dynamic=False, batch_size=4,
                         verify_samples=64).check()
@@ -144,6 +146,7 @@ def test_static_program_pads_smaller_batches(cifar, tmp_path):
         np.testing.assert_allclose(runner(batch[:1]), eager(batch[:1]), atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])
 def test_reduced_precision_program_is_judged_by_agreement(cifar, tmp_path, precision):
     """(fp16 is slow on CPUs: torch emulates most fp16 kernels there.)"""
@@ -161,6 +164,7 @@ def test_reduced_precision_program_is_judged_by_agreement(cifar, tmp_path, preci
         open_model(result.path, precision=other)
 
 
+@pytest.mark.slow
 def test_fp32_program_runs_at_bf16_when_asked(cifar_pt2, cifar):
     batch = np.random.default_rng(4).standard_normal((5, 3, 32, 32)).astype(np.float32)
     with open_model(cifar_pt2, precision="bf16") as runner, open_model(cifar) as eager:
@@ -181,6 +185,7 @@ def test_batch_options_are_checked_before_any_work(cifar, tmp_path):
     assert not list(tmp_path.glob("*.pt2"))
 
 
+@pytest.mark.slow
 def test_cli_export_and_info(cifar, tmp_path):
     output = tmp_path / "cli.pt2"
     result = invoke("export", "-m", cifar, "--format", "pt2", "-o", output, "--max-batch", "16",
@@ -206,6 +211,7 @@ def test_program_serves_through_tritonclient(cifar_pt2):
 
 # --- reading: the content decides, damage is one line ---------------------------------------------
 
+@pytest.mark.slow
 def test_card_and_facts_live_in_the_archive_and_read_without_torch(cifar_pt2):
     with zipfile.ZipFile(cifar_pt2) as archive:
         names = archive.namelist()
@@ -221,16 +227,16 @@ def test_pt2_without_card_or_not_an_archive_is_a_model_format_error(tmp_path):
     program = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(2, 2),))
     torch.export.save(program, plain)
     assert detect_format(plain) == "pt2"
-    with pytest.raises(ModelFormatError, match="carries no extra/card.json"):
+    with pytest.raises(ModelFormatError, match=r"carries no extra/card\.json"):
         open_model(plain)
     junk = tmp_path / "junk.pt2"
     junk.write_bytes(b"PK\x03\x04 not a zip")
-    with pytest.raises(ModelFormatError, match="not a readable .pt2 archive"):
+    with pytest.raises(ModelFormatError, match=r"not a readable \.pt2 archive"):
         detect_format(junk)
     other = tmp_path / "other.pt2"
     with zipfile.ZipFile(other, "w") as archive:
         archive.writestr("x/data.pkl", b"")
-    with pytest.raises(ModelFormatError, match="neither a torch.export program nor an AOTInductor"):
+    with pytest.raises(ModelFormatError, match=r"neither a torch\.export program nor an AOTInductor"):
         open_model(other)
 
 

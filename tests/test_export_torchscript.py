@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 
 import pytest
@@ -20,6 +21,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("arch", "size"), CASES)
 def test_torchscript_round_trip(tmp_path, arch, size):
     model, card = random_net(arch, size)
@@ -34,6 +36,7 @@ def test_torchscript_round_trip(tmp_path, arch, size):
     assert [p.name for p in tmp_path.iterdir()] == ["m.ts"]
 
 
+@pytest.mark.slow
 def test_card_lives_in_extra_files(tmp_path):
     model, card = random_net("resnet20", 32)
     path = torchscript.export(model, card, tmp_path / "m.ts")
@@ -48,3 +51,17 @@ def test_corrupt_torchscript_is_a_model_format_error(tmp_path):
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ModelFormatError, match="TorchScript"):
         TorchScriptRunner.open(bad)
+
+
+@pytest.mark.slow
+def test_export_and_load_show_no_upstream_deprecation_warning(tmp_path):
+    """torch.jit is deprecated upstream (FutureWarning on trace, script, save and load): the user asked for
+    TorchScript and gets it, without the warning wall (issue 21); the README names the successor."""
+    model, card = random_net("resnet20", 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = torchscript.export(model, card, tmp_path / "m.ts")
+        with open_model(path) as runner:
+            runner(inputs(card, 2))
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+

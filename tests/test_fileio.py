@@ -172,6 +172,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
 def test_kill_at_each_step_of_the_swap_is_recoverable(tmp_path, exchange):
     """kill -9 at every step: the next run finds the old model or the new one, never none or a mix."""
@@ -271,3 +272,56 @@ def test_artifact_size_counts_companions_and_folders(tmp_path):
     repo = make_model(tmp_path / "repo" / "digits", "abc")
     (repo / "link").symlink_to(tmp_path / "m.engine.bak")  # symlinks are not followed
     assert fileio.artifact_size(repo) == 3 + 9 + len(os.readlink(repo / "link"))
+
+
+# --- publishing an export's staged files ------------------------------------------------------------
+
+def staged(tmp_path: Path, names: dict[str, str]) -> Path:
+    folder = fileio.staging_dir(tmp_path / "m.onnx", "export")
+    for name, text in names.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_publish_staged_moves_companions_then_the_artifact_or_puts_them_aside(tmp_path, monkeypatch):
+    source = tmp_path / "m.pt"
+    source.write_text("weights")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m.onnx").write_text("old")
+    artifact = out / "m.onnx"
+    renames: list[str] = []
+    real = os.replace
+
+    def record(a, b):
+        renames.append(Path(b).name)
+        real(a, b)
+
+    files = {"m.onnx": "new", "m.onnx.data": "weights"}
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", record)
+        assert fileio.publish_staged(staged(tmp_path, files), artifact, source, passed=True,
+                                     aside_tag="failed-verify") == artifact
+    assert renames == ["m.onnx.data", "m.onnx"] and artifact.read_text() == "new"
+    one = fileio.publish_staged(staged(tmp_path, {"m.onnx": "bad"}), artifact, source, passed=False,
+                                aside_tag="failed-verify")
+    assert one == out / "m.failed-verify.onnx" and artifact.read_text() == "new"
+    several = fileio.publish_staged(staged(tmp_path, {"m.onnx": "bad", "m.onnx.data": "bad"}), artifact,
+                                    source, passed=False, aside_tag="failed-verify")
+    assert several == out / "m.onnx.failed-verify" / "m.onnx" and several.read_text() == "bad"
+
+
+def test_publishing_never_replaces_the_input_or_a_folder(tmp_path):
+    from toolkit.errors import UsageError
+
+    source = tmp_path / "m.onnx"
+    source.write_text("the checkpoint")
+    with pytest.raises(UsageError, match="is the input checkpoint"):
+        fileio.publish_staged(staged(tmp_path, {"m.onnx": "new"}), source, source, passed=True,
+                              aside_tag="failed-verify")
+    (tmp_path / "folder.onnx").mkdir()
+    with pytest.raises(ExportError, match="is a folder"):
+        fileio.publish_staged(staged(tmp_path, {"folder.onnx": "new"}), tmp_path / "folder.onnx",
+                              tmp_path / "elsewhere.pt", passed=True, aside_tag="failed-verify")
+    assert source.read_text() == "the checkpoint" and (tmp_path / "folder.onnx").is_dir()
+

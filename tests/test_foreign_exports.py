@@ -17,7 +17,7 @@ from support.cli import invoke
 from support.weights import perturb_batchnorm_
 from test_checkpoint_timm import LABELS, NUM_CLASSES, expected_fields
 from test_checkpoint_transformers import SHAPES, processor, resnet_config
-from toolkit.artifacts import read_artifact
+from toolkit.runtime.registry import read_artifact
 from toolkit.runtime.registry import open_model
 
 TOLERANCE = 1e-4

@@ -52,6 +52,7 @@ def _slow_square(x: int) -> int:
     return x * x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["thread", "process"])
 def test_pool_keeps_order_and_raises_at_the_bad_item(kind):
     with DecodePool(2, kind) as pool:
@@ -79,6 +80,7 @@ def test_folder_batches_equal_serial_decoding(folder, workers):
     np.testing.assert_array_equal(np.concatenate(batches), expected)
 
 
+@pytest.mark.slow
 def test_a_bad_file_gets_its_own_error_in_threads_and_processes(tmp_path):
     (tmp_path / "a").mkdir()
     for i in range(6):
@@ -155,6 +157,7 @@ def test_tensor_batches_on_cpu_route_and_order(folder):
     assert diff.mean() < 2.0  # JPEGs: torchvision's decoder and resize vs Pillow's
 
 
+@pytest.mark.slow
 def test_decode_agreement_on_cpu(folder, tmp_path):
     from toolkit.archs import build_model
     from toolkit.gpu_decode import decode_agreement

@@ -65,6 +65,7 @@ def fp32_runner(sample_model):
         yield runner
 
 
+@pytest.mark.slow
 def test_run_uint8_equals_call_on_preprocessed(fp32_runner, sample_test):
     images = sample_test.images[:37]
     expected = fp32_runner(preprocess(images, fp32_runner.card))
@@ -84,6 +85,7 @@ def test_base_runner_run_uint8_preprocesses_on_the_host(sample_onnx_runner, samp
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_on_cpu_agrees_with_fp32(sample_model, sample_test, fp32_runner):
     from toolkit.metrics import logits_agreement
     from toolkit.runtime.registry import open_model
@@ -100,6 +102,7 @@ def test_bf16_on_cpu_agrees_with_fp32(sample_model, sample_test, fp32_runner):
     assert abs(check["accuracy"] - check["reference_accuracy"]) <= 0.03
 
 
+@pytest.mark.slow
 def test_eval_reports_bf16_agreement_with_fp32_and_predict_takes_precision(sample_model, sample_test,
                                                                             tmp_path):
     """The CLI end: `eval --precision bf16` reports its top-1 agreement with an fp32 run (as an export's
@@ -147,6 +150,7 @@ def test_logits_agreement_counts():
         logits_agreement(ref, out[:3])
 
 
+@pytest.mark.slow
 def test_fixed_shape_pads_and_splits_like_unpadded(sample_model, sample_test, fp32_runner):
     """The fixed-batch path (CUDA graphs/compile) pads a short batch and splits a long one; on the CPU
     it is exercised through the same `_execute` by fixing the shape by hand."""
@@ -171,6 +175,7 @@ def test_unknown_and_invalid_options_are_usage_errors(sample_model, sample_onnx_
         open_model(sample_onnx_fp32, precision="fp16")
 
 
+@pytest.mark.slow
 def test_torchscript_runner_takes_precision_and_warms_up(tmp_path, sample_model, sample_test, fp32_runner):
     from export.torchscript import export
     from toolkit.checkpoint import load_checkpoint

@@ -398,6 +398,7 @@ def test_opcode_level_bombs_are_refused_before_allocating(tmp_path, payload, mes
         safe_unpickle(path)
 
 
+@pytest.mark.slow
 def test_shared_references_cannot_expand_a_small_file(tmp_path):
     path = _write_cifar(tmp_path / "c") / "test_batch"
     path.write_bytes(_shared_rows(1_000_000))  # 4 MB on disk, 3 GB as an array
@@ -461,6 +462,7 @@ def _damaged_checkpoints(sample_model: Path, folder: Path) -> dict[str, tuple[Pa
     return out
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_give_one_line_in_validate_export_and_info(tmp_path, sample_model):
     for name, (path, message) in _damaged_checkpoints(sample_model, tmp_path).items():
         for args in (["export", "-m", str(path), "-o", str(tmp_path / "out.onnx"), "--no-verify"],
@@ -475,6 +477,7 @@ def test_damaged_checkpoints_give_one_line_in_validate_export_and_info(tmp_path,
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.slow
 def test_claimed_sizes_stay_bounded_in_memory(tmp_path, sample_model):
     cases = _damaged_checkpoints(sample_model, tmp_path)
     names = ("stride-0 fc claiming 10^9 classes", "stride-0 conv claiming 10^10 elements",

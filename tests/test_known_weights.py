@@ -88,6 +88,7 @@ def _eval_accuracy(*args):
     return json.loads(result.stdout)["accuracy"]
 
 
+@pytest.mark.slow
 def test_a_recognised_file_gets_its_publishers_card_with_no_flag(recognised_copy, sample_model):
     result = invoke("validate", "-m", recognised_copy, "--dataset", "sample", "--json")
     assert result.exit_code == 0, result.output
@@ -102,6 +103,7 @@ def test_a_recognised_file_gets_its_publishers_card_with_no_flag(recognised_copy
     assert _eval_accuracy("-m", recognised_copy) == _eval_accuracy("-m", sample_model)
 
 
+@pytest.mark.slow
 def test_flags_win_over_recognised_weights(recognised_copy):
     with_flags = _eval_accuracy("-m", recognised_copy, "--mean", "0.9,0.9,0.9", "--std", "0.1,0.1,0.1")
     assert with_flags < _eval_accuracy("-m", recognised_copy)
@@ -116,8 +118,9 @@ def test_an_unlisted_copy_falls_back_to_the_preset(tmp_path, sample_model):
     assert report["recognised"] is None and report["card"]["mean"] == [0.4914, 0.4822, 0.4465]
 
 
+@pytest.mark.slow
 def test_an_onnx_exported_from_a_recognised_file_carries_that_card(recognised_copy, sample_card):
-    from toolkit.artifacts import read_artifact
+    from toolkit.runtime.registry import read_artifact
 
     out = recognised_copy.with_suffix(".onnx")
     result = invoke("export", "-m", recognised_copy, "-o", out, "--calib-dataset", "sample")

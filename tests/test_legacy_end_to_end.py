@@ -18,7 +18,7 @@ import torch
 
 from support.cli import invoke
 from support.serve import free_port, wait_for
-from toolkit.artifacts import read_artifact
+from toolkit.runtime.registry import read_artifact
 from toolkit.data import load_sample
 
 pytestmark = pytest.mark.slow

@@ -133,6 +133,7 @@ def label_pairs(draw):
     return n_classes, np.array(y_true), np.array(y_pred)
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(label_pairs(), st.integers(1, 5))
 def test_property_matches_sklearn_and_merges(data, split_parts):

@@ -172,6 +172,7 @@ def test_top_k_is_clamped_and_sorted(runner, digits, tmp_path):
     assert {t["class"] for t in result["top"]} == set(runner.card.class_names)
 
 
+@pytest.mark.slow
 def test_onnx_predict_and_eval_never_import_torch(sample_onnx_fp32, digits, tmp_path):
     Image.fromarray(digits[0]).save(tmp_path / "a.png")
     code = f"""

@@ -65,6 +65,7 @@ def test_unknown_calibration_method_or_activation_type_names_the_choices(sample_
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_int8_loses_at_most_one_point(sample_onnx_fp32, sample_onnx_int8, sample_test, backend):
     with open_model(sample_onnx_fp32) as fp32, open_model(sample_onnx_int8, backend=backend) as int8:

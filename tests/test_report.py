@@ -59,6 +59,7 @@ def report() -> EvalReport:
     return make_report()
 
 
+@pytest.mark.slow
 def test_numbers_are_formatted_for_people_and_exact_in_json(tmp_path):
     from rich.console import Console
 
@@ -79,6 +80,7 @@ def test_numbers_are_formatted_for_people_and_exact_in_json(tmp_path):
     assert metrics["images_per_second"] == pytest.approx(3376.5968, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_calibration_and_errors_in_every_output(report, tmp_path):
     data = report.to_dict()
     calibration = data["calibration"]
@@ -111,6 +113,7 @@ def test_calibration_and_errors_in_every_output(report, tmp_path):
     assert len(page) < 1_000_000
 
 
+@pytest.mark.slow
 def test_mathtext_class_names_are_drawn_literally(report, tmp_path):
     """Names that matplotlib would parse as TeX (`$\\foo{$`) once crashed after 3 of 6 files."""
     write_eval_outputs(report, tmp_path)
@@ -124,6 +127,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.slow
 def test_failure_midway_leaves_the_previous_report_whole(report, tmp_path, monkeypatch):
     import toolkit.report.files as module  # where the writers look them up
 
@@ -141,6 +145,7 @@ def test_failure_midway_leaves_the_previous_report_whole(report, tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left beside it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["csv_text", "eval_html"])
 def test_full_disk_is_one_line_and_nothing_partial(report, tmp_path, monkeypatch, where):
     import toolkit.report.files as module  # where the writers look them up
@@ -163,6 +168,7 @@ def test_full_disk_is_one_line_and_nothing_partial(report, tmp_path, monkeypatch
     assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.slow
 def test_cli_full_disk_is_one_red_line(sample_model, tmp_path, monkeypatch):
     import toolkit.report.files as module  # where the writers look them up
 

@@ -207,6 +207,7 @@ def test_draining_answers_unavailable(client, server, batch):
         state.draining = False
 
 
+@pytest.mark.slow
 def test_api_key(runner, batch):
     port = free_port()
     with running_server(runner, api_key="s3cret", grpc_port=port), \

@@ -133,6 +133,7 @@ def test_a_small_head_with_a_large_body_in_the_same_read_is_not_431(server, base
     assert status == 415 and "not a recognised image" in json.loads(payload)["predictions"][0]["error"]
 
 
+@pytest.mark.slow
 def test_request_head_stalled_or_trickled_is_408_and_closed(server, base):
     with _connect(server[1]) as sock:  # trickles: every byte resets uvicorn's keep-alive timer, not ours
         began = time.monotonic()
@@ -148,6 +149,7 @@ def test_request_head_stalled_or_trickled_is_408_and_closed(server, base):
         assert sock.recv(10) == b""
 
 
+@pytest.mark.slow
 def test_request_body_stalled_is_408_and_closed(server, base):
     with _connect(server[1]) as sock:
         sock.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
@@ -203,6 +205,7 @@ def test_head_and_body_go_out_in_one_write_and_a_held_head_is_never_lost():
     assert transport.writes[-1] == b"HTTP/1.1 500 Internal Server Error\r\n\r\n" and transport.closed
 
 
+@pytest.mark.slow
 def test_connections_beyond_the_limit_get_503_and_are_closed(sample_onnx_runner):
     with running_server(sample_onnx_runner, max_connections=3) as (base, _):
         port = int(base.rsplit(":", 1)[1])
@@ -293,6 +296,7 @@ def zeros_64mb() -> bytes:
     return bytes(64 * 1024 * 1024)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2])
 def test_zip_bomb_member_is_refused_by_actual_bytes(base, zeros_64mb, method):
     bomb = zip_with_declared_size("set/cat/a.png", zeros_64mb, method, declared=1000)
@@ -355,6 +359,7 @@ def test_images_of_odd_formats_are_4xx(base, payload):
 
 # --- the API key on model paths; a model the server cannot run ----------------------------------
 
+@pytest.mark.slow
 def test_only_documented_health_endpoints_skip_the_api_key(sample_onnx_runner):
     with running_server(sample_onnx_runner, api_key="s3cret") as (base, _):
         assert httpx.get(f"{base}/v2/health/ready").status_code == 200

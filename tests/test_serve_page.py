@@ -131,3 +131,29 @@ def test_eval_report_shows_reliability_diagram_and_gallery(browser, sample_model
     assert all(browser.execute_script(loaded, img) for img in thumbs)
     assert "predicted" in browser.find_element(By.CSS_SELECTOR, ".gallery").text
     browser.save_screenshot(str(tmp_path / "report.png"))
+
+
+def test_page_lets_a_person_pick_the_model(browser, sample_onnx_fp32, sample_onnx_int8, sample_test,
+                                           tmp_path):
+    """Two models served: the page offers both and classifies with the one picked (/predict?model=NAME)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from serve.repository import FileModels, ModelSettings
+    from toolkit.engines import RunnerSpec
+
+    image_path = tmp_path / "digit.png"
+    image_path.write_bytes(png_bytes(sample_test.images[3]))
+    source = FileModels({"fp32": RunnerSpec(str(sample_onnx_fp32)),
+                         "int8": RunnerSpec(str(sample_onnx_int8))}, ModelSettings())
+    with running_server(source) as (base, _):
+        set_viewport(browser, 1000)
+        browser.get(base + "/")
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "models"))
+        picker = Select(browser.find_element(By.ID, "models"))
+        assert [o.text for o in picker.options] == ["fp32", "int8"]
+        assert_layout(browser, 1000)
+        picker.select_by_visible_text("int8")
+        browser.find_element(By.ID, "file").send_keys(str(image_path))
+        WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#top .row"))
+        assert browser.find_element(By.ID, "top").get_attribute("data-model") == "int8"

@@ -50,12 +50,12 @@ DRAIN_SCRIPT = textwrap.dedent("""
     from serve.server import serve
     from toolkit.runtime.registry import open_model
     runner = SlowRunner(open_model({model!r}), 0.0)
-    import serve.app as app_module
-    original = app_module._warm_up
-    async def warm_then_slow(state):
-        await original(state)
+    import serve.control as control
+    original = control.warm_up
+    async def warm_then_slow(*args):
+        await original(*args)
         runner.delay_s = 1.5
-    app_module._warm_up = warm_then_slow
+    control.warm_up = warm_then_slow
     serve(runner, ServeConfig(name="digits", port={port}, max_batch_size=1), log_level="warning")
     print("exited cleanly", flush=True)
 """)

@@ -75,6 +75,7 @@ def test_random_bytes_with_nan_and_inf_are_answered_as_triton_does(client, runne
         np.testing.assert_array_equal(got, runner(batch))  # the model's answer, whatever it is
 
 
+@pytest.mark.slow
 def test_reject_nonfinite_is_opt_in(runner):
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException

@@ -102,6 +102,7 @@ def test_no_batching_keeps_full_dims(onnx_file, sample_card, tmp_path):
     assert not config.HasField("dynamic_batching")  # Triton rejects a batcher without batching
 
 
+@pytest.mark.slow
 def test_static_batch_onnx_needs_max_batch_size_zero(sample_model, sample_card, tmp_path):
     static = _export_onnx(sample_model, sample_card, tmp_path / "static.onnx", dynamic=False)
     with pytest.raises(ExportError, match=r"fixed batch dimension.*--dynamic"):

@@ -38,6 +38,7 @@ def trained_state(sample_model):
     return torch.load(sample_model, weights_only=True)
 
 
+@pytest.mark.slow
 def test_sample_model_is_valid_and_reaches_its_accuracy(sample_model):
     code, data = report("-m", str(sample_model), "--dataset", "sample", "--min-accuracy", "0.95")
     assert code == 0 and data["valid"] and not data["problems"]
@@ -53,6 +54,7 @@ def test_accuracy_gate_fails_below_threshold(sample_model):
     assert code == 1 and "accuracy_below_threshold" in codes(data)
 
 
+@pytest.mark.slow
 def test_accuracy_gate_runs_at_the_asked_precision(sample_model):
     """Issue 12: --precision (and --device) reach the gate's runner; the report says what it ran at."""
     code, data = report("-m", str(sample_model), "--dataset", "sample", "--limit", "200",
@@ -91,6 +93,7 @@ WRAPPED_CASES += [pytest.param("resnet50", None, "dataparallel", marks=pytest.ma
                   pytest.param("resnext50_32x4d", None, "lightning", marks=pytest.mark.slow)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, shortcut, wrapper", WRAPPED_CASES)
 def test_real_weights_in_wrappers_end_to_end(tmp_path, arch, shortcut, wrapper):
     model = build_model(arch, 10, shortcut=shortcut)

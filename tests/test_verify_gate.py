@@ -70,6 +70,7 @@ def flipping(reference: Runner, data, flips: int) -> Flipping:
 
 # --- the gate itself: a significant loss fails, noise does not -----------------------------------
 
+@pytest.mark.slow
 def test_a_loss_within_noise_passes_though_agreement_is_under_99(reference, sample_test):
     """5 of 360 answers lost (1.4 points, 98.6 % agreement): the old gates (>= 99 % agreement, <= 1 point)
     would refuse it; McNemar says 5 discordant pairs all one way happen by chance (p = 0.0625)."""
@@ -84,6 +85,7 @@ def test_a_loss_within_noise_passes_though_agreement_is_under_99(reference, samp
     assert report.to_dict()["mcnemar"]["significant"] is False
 
 
+@pytest.mark.slow
 def test_a_significant_loss_fails(reference, sample_test):
     artifact = flipping(reference, sample_test, 12)  # p = 2 / 2**12
     report = verify(artifact, reference, sample_test, "fp16")
@@ -92,6 +94,7 @@ def test_a_significant_loss_fails(reference, sample_test):
     assert "accuracy drops 3.33 points" in report.failures[0]
 
 
+@pytest.mark.slow
 def test_agreement_and_drop_gates_are_opt_in(reference, sample_test):
     artifact = flipping(reference, sample_test, 5)
     strict = verify(artifact, reference, sample_test, "int8",
@@ -100,6 +103,7 @@ def test_agreement_and_drop_gates_are_opt_in(reference, sample_test):
     assert "below 99.00%" in strict.failures[1] and "allowed 1.00" in strict.failures[0]
 
 
+@pytest.mark.slow
 def test_without_labels_only_a_broken_artifact_fails(reference, sample_test):
     """Images of other classes than the model's: accuracy is unknown, so only a floor on agreement is
     left (against broken artifacts), and the report says why it failed."""
@@ -112,6 +116,7 @@ def test_without_labels_only_a_broken_artifact_fails(reference, sample_test):
     assert not broken.passed and "no labels" in broken.failures[0]
 
 
+@pytest.mark.slow
 def test_fp32_keeps_the_elementwise_tolerance(reference, sample_test):
     report = verify(flipping(reference, sample_test, 1), reference, sample_test, "fp32")
     assert not report.passed and "logits differ" in report.failures[0] and report.mcnemar is None
@@ -131,7 +136,8 @@ def test_held_out_removes_calibration_images_by_id(sample_test):
 def test_verification_never_sees_calibration_images(ckpt, tmp_path, monkeypatch):
     """One folder (no splits) for calibration and verification: the ids the quantiser reads and the ids
     the check reads are recorded where they are read, and never meet."""
-    from export import quantize, verify as verify_module
+    from export import quantize
+    from export import verify as verify_module
 
     folder = write_sample_folder(tmp_path / "digits", 120, size=32)
     read: dict[str, list[str]] = {"calibration": [], "verification": []}
@@ -182,7 +188,8 @@ def _swap_two_classes(path) -> None:
     from onnx import numpy_helper
 
     proto = onnx.load(str(path))
-    weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    weights = [t for t in proto.graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
     assert len(weights) == 1, [t.name for t in weights]
     array = numpy_helper.to_array(weights[0]).copy()
     array[[0, 1]] = array[[1, 0]]

@@ -396,15 +396,3 @@ def check_declared_input(card: ModelCard, declared: Sequence[Dim | None], path: 
         shown = ", ".join("?" if d is None else str(d) for d in fixed)
         raise ModelFormatError(f"{path}: {what} declares input ({shown}), the card says (N, "
                                f"{', '.join(map(str, expected))}): artifact and card disagree")
-
-
-def __getattr__(name: str) -> Any:
-    """TRANSITIONAL (issue 20): `read_artifact` moved to toolkit.runtime.registry and
-    `describe_artifact` to toolkit.describe; the old imports resolve until their callers move, by
-    computed name so that this module imports nothing above it."""
-    moved = {"read_artifact": "toolkit.runtime.registry", "describe_artifact": "toolkit.describe"}
-    if name in moved:
-        import importlib
-
-        return getattr(importlib.import_module(moved[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

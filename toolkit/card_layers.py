@@ -195,7 +195,7 @@ def resolve_card(
     otherwise generic names. Every layer holds ModelCard field names.
     """
     user = flags if isinstance(flags, CardFlags) else None
-    raw_flags = {} if user is not None else {k: v for k, v in (flags or {}).items() if v is not None}
+    raw_flags = {k: v for k, v in flags.items() if v is not None} if isinstance(flags, Mapping) else {}
     from_card = {k: v for k, v in (card.to_dict() if card else {}).items() if k != "num_classes"}
     chosen_preset = preset_name or (user.preset if user else None) or default_preset_for(stem, num_classes)
     merged: dict[str, Any] = {"arch": arch}

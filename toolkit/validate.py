@@ -24,7 +24,7 @@ from .checkpoint import (
     load_strict,
     resolve_architecture,
 )
-from .errors import ArchitectureError, CheckpointError, DataError
+from .errors import ArchitectureError, CheckpointError, DataError, ModelFormatError
 
 Severity = Literal["error", "warning", "info"]
 MAX_LISTED = 10
@@ -102,7 +102,7 @@ def validate_checkpoint(
     report = ValidationReport(path=str(path))
     try:
         ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
-    except (CheckpointError, ArchitectureError, DataError) as exc:
+    except (CheckpointError, ArchitectureError, DataError, ModelFormatError) as exc:
         report.add("error", "unreadable", str(exc))
         return report
     _describe_file(ckpt, report)
@@ -114,13 +114,13 @@ def validate_checkpoint(
     report.arch, report.num_classes = info.arch, info.num_classes
     report.family, report.stem, report.depth = info.spec.family, info.spec.stem, info.spec.depth
     report.shortcut = info.shortcut
-    _resolve_card(ckpt, info, flags or CardFlags(), report)
+    card = _resolve_card(ckpt, info, flags or CardFlags(), report)
 
     _check_tensors(ckpt, report)
     model = _strict_load(ckpt, info, report)
     if model is not None:
         report.parameters = sum(p.numel() for p in model.parameters())
-        _check_forward(model, report.card, report)
+        _check_forward(model, card, report)
         if dataset is not None:
             _check_accuracy(model, report, dataset, data_dir, split, limit, min_accuracy, batch_size,
                             device=device, precision=precision)
@@ -132,12 +132,11 @@ def _describe_file(ckpt: LoadedCheckpoint, report: ValidationReport) -> None:
     """How the weights were stored, and what the loader noticed on the way (info, not faults)."""
     report.sha256, report.wrapper = ckpt.sha256, ckpt.wrapper
     report.prefix, report.layout = ckpt.prefix, ckpt.layout
-    report.recorded = dict(getattr(ckpt, "recorded", None) or {})
-    for code, message in getattr(ckpt, "notes", None) or ():
+    report.recorded = dict(ckpt.recorded)
+    for code, message in ckpt.notes:
         report.add("info", code, message)
     if report.recorded:
-        report.add("info", "recorded", "the file records " + ", ".join(
-            f"{key} {value}" for key, value in report.recorded.items()))
+        report.add("info", "recorded", f"the file records {recorded_text(report.recorded)}")
     if ckpt.dropped_keys:
         report.add("warning", "dropped_keys",
                    f"keys outside the network were ignored: {_listed(ckpt.dropped_keys)}")
@@ -146,7 +145,14 @@ def _describe_file(ckpt: LoadedCheckpoint, report: ValidationReport) -> None:
                    "weights came from a whole pickled nn.Module (loaded with --allow-pickle)")
 
 
-def _resolve_card(ckpt: LoadedCheckpoint, info: ArchInfo, flags: CardFlags, report: ValidationReport) -> None:
+def recorded_text(recorded: dict[str, Any]) -> str:
+    """`best_prec1 91.78, epoch 200`: float32 accuracies as a person wrote them, not 91.78000183105469."""
+    return ", ".join(f"{key} {value:.6g}" if isinstance(value, float) else f"{key} {value}"
+                     for key, value in recorded.items())
+
+
+def _resolve_card(ckpt: LoadedCheckpoint, info: ArchInfo, flags: CardFlags,
+                  report: ValidationReport) -> ModelCard:
     """The card every other command would build (`checkpoint_card`), with its faults as problems."""
     names = flags.fields({}).get("class_names") if flags.classes else None
     if names is not None and len(names) != info.num_classes:
@@ -162,12 +168,14 @@ def _resolve_card(ckpt: LoadedCheckpoint, info: ArchInfo, flags: CardFlags, repo
     if stored is not None and stored.num_classes != info.num_classes:  # a stale card: the tensors win
         report.add("error", "card_mismatch",
                    f"the card lists {stored.num_classes} classes but the head has {info.num_classes}")
-    report.card, known = checkpoint_card(ckpt, info, flags, sidecar=sidecar)
+    card, known = checkpoint_card(ckpt, info, flags, sidecar=sidecar)
+    report.card = card
     if known is not None:
         report.recognised = known.summary()
         report.add("info", "recognised", f"{known.label}, published top-1 {known.top1:g} % "
                    f"({known.dataset}); "
                    "the card has its publisher's preprocessing unless a flag says otherwise")
+    return card
 
 
 def _check_tensors(ckpt: LoadedCheckpoint, report: ValidationReport) -> None:

@@ -34,12 +34,9 @@ async def live() -> Response:
 async def ready(state: State) -> Response:
     if state.serving:
         return JSONResponse({"ready": True})
-    reason = "draining" if state.draining else (state.warmup_error or "warming up")
-    return JSONResponse({"ready": False, "error": f"not ready: {reason}"}, status_code=503)
+    return JSONResponse({"ready": False, "error": f"not ready: {state.readiness_reason()}"}, status_code=503)
 
 
 @router.get("/metrics")
 async def metrics(state: State) -> PlainTextResponse:
-    stats = await state.current_stats()
-    return PlainTextResponse(stats.prometheus(state.config.name, state.config.version),
-                             media_type="text/plain; version=0.0.4; charset=utf-8")
+    return PlainTextResponse(await state.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,13 +1,13 @@
 """The toolkit's own endpoints: `/predict` (top-k per image) and `/evaluate` (metrics over labelled uploads).
 
-Uploads are decoded in the decode pool through `serve.inputs` (the toolkit's one decoder and one
-preprocessing); inference goes through the shared batcher like every v2 request.
+Both take the model as `?model=NAME` (required when the server serves several; the page offers the
+choice). Uploads are decoded in the decode pool through `serve.inputs` (the toolkit's one decoder
+and one preprocessing); inference goes through the model's batcher like every v2 request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -17,12 +17,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from toolkit.card import ModelCard
 from toolkit.errors import InputError, ToolkitError
 
 from ..batcher import BatchedRunner
 from ..errors import PayloadTooLargeError, UnsupportedMediaError
 from ..inputs import folder_dataset, labelled_dataset, load_batch, load_uint8, parse_labels, read_zip
-from ..metrics import RequestTiming
+from ..models import ServedModel
 from ..state import ServerState, get_state
 
 State = Annotated[ServerState, Depends(get_state)]
@@ -65,12 +66,12 @@ def raw_upload(filename: str | None, body: bytes) -> list[tuple[str, bytes]]:
     return [(filename or "body", body)] if body else []
 
 
-async def decode_all(state: ServerState, files: list[tuple[str, bytes]],
+async def decode_all(state: ServerState, card: ModelCard, files: list[tuple[str, bytes]],
                      normalise: bool = False) -> list[np.ndarray | ToolkitError]:
     """Each file decoded (off the event loop unless small, `ServerState.offload`): uint8 HxWx3, or
     float32 (1,3,H,W) when `normalise`."""
     load = load_batch if normalise else load_uint8
-    card, max_pixels = state.runner.card, state.config.max_pixels
+    max_pixels = state.config.max_pixels
 
     async def one(name: str, data: bytes) -> np.ndarray | ToolkitError:
         try:
@@ -84,27 +85,28 @@ async def decode_all(state: ServerState, files: list[tuple[str, bytes]],
 
 
 @router.post("/predict")
-async def predict(request: Request, state: State, top_k: int = 5) -> Response:
+async def predict(request: Request, state: State, top_k: int = 5, model: str | None = None) -> Response:
     async def files() -> list[tuple[str, bytes]]:
         return (await uploads(request, state.config.max_images))[0]
 
-    return await answer_predict(state, top_k, files)
+    return await answer_predict(state, top_k, files, model)
+
+
+Decoded = tuple[list[tuple[str, bytes]], list["np.ndarray | ToolkitError"]]
 
 
 async def answer_predict(state: ServerState, top_k: int,
-                         read_files: Callable[[], Awaitable[list[tuple[str, bytes]]]]) -> Response:
-    """The /predict answer: top-k per uploaded image, a bad image answered in its own entry. Served by
-    the route above and, for raw image bodies, by `serve.hotpath` without FastAPI's machinery."""
-    batcher = state.require_ready()
-    config, card = state.config, state.runner.card
+                         read_files: Callable[[], Awaitable[list[tuple[str, bytes]]]],
+                         model_name: str | None = None) -> Response:
+    """The /predict answer: top-k per uploaded image, a bad image answered in its own entry; the model
+    named by `?model=` (needed when the server serves several). Served by the route above and, for raw
+    image bodies, by `serve.hotpath` without FastAPI's machinery."""
+    model = state.pick(model_name)
+    config = state.config
     if top_k < 1:
         raise InputError(f"top_k must be at least 1, got {top_k}")
-    k = min(top_k, card.num_classes)
 
-    async def work(timing: RequestTiming) -> Response:
-        from toolkit.evaluate import softmax, top_k_entries
-
-        began = time.perf_counter()
+    async def decode(model: ServedModel) -> tuple[Decoded, np.ndarray | None]:
         files = await read_files()
         if not files:
             raise InputError("no image: send multipart/form-data with one or more files, or the image bytes "
@@ -112,41 +114,43 @@ async def answer_predict(state: ServerState, top_k: int,
         if len(files) > config.max_images:
             raise PayloadTooLargeError(f"{len(files)} images in one request; the limit is "
                                        f"{config.max_images}")
-        decoded = await decode_all(state, files, normalise=True)
-        arrays = {i: value for i, value in enumerate(decoded) if isinstance(value, np.ndarray)}
-        good = list(arrays)
-        answers: dict[int, dict[str, Any]] = {}
-        if good:
-            batch = arrays[good[0]] if len(good) == 1 else np.concatenate(list(arrays.values()))
-            timing.input_s = time.perf_counter() - began
-            logits = await batcher.infer(batch, timing)
-            began = time.perf_counter()
-            probabilities = softmax(logits)
-            for row, i in enumerate(good):
-                top = top_k_entries(probabilities[row], card.class_names, k)
-                answers[i] = {"input": files[i][0], "top": top}
-        results = []
-        for i, (name, _) in enumerate(files):
-            value = decoded[i]
-            results.append(answers[i] if i in answers else
-                           {"input": name, "error": str(value), "status": getattr(value, "http_status", 400)})
-        timing.output_s = time.perf_counter() - began
-        if good:
-            return JSONResponse({"model": config.name, "predictions": results})
+        decoded = await decode_all(state, model.card, files, normalise=True)
+        good = [value for value in decoded if isinstance(value, np.ndarray)]
+        batch = None if not good else good[0] if len(good) == 1 else np.concatenate(good)
+        return (files, decoded), batch
+
+    def encode(model: ServedModel, parsed: Decoded, logits: np.ndarray | None) -> Response:
+        from toolkit.evaluate import softmax, top_k_entries
+
+        files, decoded = parsed
+        card = model.card
+        probabilities = softmax(logits) if logits is not None else None
+        results: list[dict[str, Any]] = []
+        row = 0
+        for (name, _), value in zip(files, decoded, strict=True):
+            if isinstance(value, np.ndarray):
+                assert probabilities is not None
+                top = top_k_entries(probabilities[row], card.class_names, min(top_k, card.num_classes))
+                results.append({"input": name, "top": top})
+                row += 1
+            else:
+                results.append({"input": name, "error": str(value), "status": value.http_status})
+        if logits is not None:
+            return JSONResponse({"model": model.name, "predictions": results})
         first = decoded[0]
         assert isinstance(first, ToolkitError)
-        return JSONResponse({"error": str(first), "model": config.name, "predictions": results},
+        return JSONResponse({"error": str(first), "model": model.name, "predictions": results},
                             status_code=first.http_status)
 
-    return await state.counted(work)
+    return await state.infer(model, decode, encode)
 
 
 @router.post("/evaluate")
-async def evaluate_route(request: Request, state: State) -> Response:
-    state.require_ready()
+async def evaluate_route(request: Request, state: State, model: str | None = None) -> Response:
     from toolkit.evaluate import evaluate
 
-    config, card = state.config, state.runner.card
+    served = state.pick(model)
+    config, card = state.config, served.card
     files, label_fields, form = await uploads(request, MAX_EVALUATE_FILES)
     content_type = request.headers.get("content-type", "")
     raw_zip = form is None and content_type in ZIP_TYPES
@@ -163,7 +167,7 @@ async def evaluate_route(request: Request, state: State) -> Response:
     else:
         folders = None
         labels = parse_labels(label_fields, len(files), card.class_names)
-    decoded = await decode_all(state, files)
+    decoded = await decode_all(state, card, files)
     errors = [value for value in decoded if isinstance(value, ToolkitError)]
     if errors:  # evaluation needs every image; the answer names the first bad one
         first = next((e for e in errors if e.http_status == 413), errors[0])
@@ -173,12 +177,16 @@ async def evaluate_route(request: Request, state: State) -> Response:
         dataset = folder_dataset(images, folders, card.class_names)
     else:
         dataset = labelled_dataset(images, labels, card.class_names)
-    assert state.batcher is not None and state.loop is not None
-    proxy = BatchedRunner(state.batcher, state.loop)
-    report = await state.loop.run_in_executor(
-        None, lambda: evaluate(proxy, dataset, batch_size=config.max_batch_size))
+    assert state.loop is not None
+    proxy = BatchedRunner(served, state.loop)
+    served.enter()  # an unload waits for the evaluation, as for any request
+    try:
+        report = await state.loop.run_in_executor(
+            None, lambda: evaluate(proxy, dataset, batch_size=max(1, served.settings.batch_limit)))
+    finally:
+        served.leave()
     result = report.to_dict()
-    result["server_model"] = config.name
+    result["server_model"] = served.name
     return JSONResponse(_jsonable(result))
 
 

@@ -1,25 +1,25 @@
 """The Open Inference Protocol (KServe v2) as Triton's HTTP endpoint speaks it, extensions included:
 statistics, repository, logging, trace settings, system/CUDA shared memory.
 
-Route bodies only move bytes: parsing, validation and encoding are `serve.protocol` functions
-(free of HTTP, so the gRPC front end calls the same ones). Fixed paths are declared before the
-`{name}` patterns that would swallow them (`/v2/models/stats`).
+Route bodies only move bytes: parsing, validation and encoding are `serve.protocol` functions and
+the work is `ServerState`'s (free of HTTP, so the gRPC front end calls the same ones). Fixed paths
+are declared before the `{name}` patterns that would swallow them (`/v2/models/stats`).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from toolkit.v2 import HEADER_LENGTH, ProtocolError
+from toolkit.v2 import HEADER_LENGTH, InferRequest, ProtocolError
 
 from .. import protocol
-from ..metrics import RequestTiming
+from ..models import ServedModel
 from ..state import ServerState, get_state
 
 State = Annotated[ServerState, Depends(get_state)]
@@ -37,12 +37,6 @@ async def _json_body(request: Request) -> Any:
         raise ProtocolError("request body is not valid JSON") from None
 
 
-async def _statistics(state: ServerState) -> dict[str, Any]:
-    config = state.config
-    stats = await state.current_stats()
-    return stats.v2_statistics(config.name, config.version, protocol.memory_usage(state.runner.source))
-
-
 @router.get("/v2")
 async def server_metadata() -> dict[str, Any]:
     return protocol.server_metadata()
@@ -50,53 +44,55 @@ async def server_metadata() -> dict[str, Any]:
 
 @router.get("/v2/models/stats")
 async def all_stats(state: State) -> dict[str, Any]:
-    return await _statistics(state)
+    return await state.statistics()
 
 
 @router.get("/v2/models/{name}")
 @router.get("/v2/models/{name}/versions/{version}")
 async def metadata(state: State, name: str, version: str | None = None) -> dict[str, Any]:
-    state.check_model(name, version)
-    return protocol.model_metadata(state.config, state.runner.card, state.runner.backend)
+    return protocol.model_metadata(state.model(name, version), state.models.versions(name))
 
 
 @router.get("/v2/models/{name}/ready")
 @router.get("/v2/models/{name}/versions/{version}/ready")
 async def model_ready(state: State, name: str, version: str | None = None) -> Response:
-    state.check_model(name, version)
-    return JSONResponse({"name": name, "ready": state.serving}, status_code=200 if state.serving else 503)
+    ready = state.models.is_ready(name, version) and not state.draining and not state.unavailable
+    if not ready:
+        state.model(name, version)  # 404 for a model the server does not know
+    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
 
 @router.get("/v2/models/{name}/config")
 @router.get("/v2/models/{name}/versions/{version}/config")
 async def model_config(state: State, name: str, version: str | None = None) -> dict[str, Any]:
-    state.check_model(name, version)
-    return protocol.model_config(state.config, state.runner.card, state.runner.backend)
+    return protocol.model_config(state.model(name, version))
 
 
 @router.get("/v2/models/{name}/stats")
 @router.get("/v2/models/{name}/versions/{version}/stats")
 async def model_stats(state: State, name: str, version: str | None = None) -> dict[str, Any]:
-    state.check_model(name, version)
-    return await _statistics(state)
+    return await state.statistics(name, version)
 
 
 # --- repository --------------------------------------------------------------------------------------
 
 @router.post("/v2/repository/index")
-async def repository_index(state: State) -> list[dict[str, str]]:
-    status = "READY" if state.serving else ("UNAVAILABLE" if state.draining else "LOADING")
-    return [{"name": state.config.name, "version": state.config.version, "state": status, "reason": ""}]
+async def repository_index(request: Request, state: State) -> list[dict[str, str]]:
+    body = await _json_body(request)
+    ready_only = isinstance(body, dict) and body.get("ready") is True
+    return state.models.index(ready_only)
 
 
 @router.post("/v2/repository/models/{name}/load")
-async def load(name: str) -> None:
-    protocol.repository_control("load", name)
+async def load(state: State, name: str) -> Response:
+    await state.load(name)
+    return Response(status_code=200)  # as Triton: success is an empty 200
 
 
 @router.post("/v2/repository/models/{name}/unload")
-async def unload(name: str) -> None:
-    protocol.repository_control("unload", name)
+async def unload(state: State, name: str) -> Response:
+    await state.unload(name)
+    return Response(status_code=200)
 
 
 # --- logging and trace settings ----------------------------------------------------------------------
@@ -123,13 +119,13 @@ async def set_trace(request: Request, state: State) -> dict[str, Any]:
 
 @router.get("/v2/models/{name}/trace/setting")
 async def get_model_trace(state: State, name: str) -> dict[str, Any]:
-    state.check_model(name)
+    state.model(name)
     return state.extensions.trace_settings(name)
 
 
 @router.post("/v2/models/{name}/trace/setting")
 async def set_model_trace(request: Request, state: State, name: str) -> dict[str, Any]:
-    state.check_model(name)
+    state.model(name)
     return state.extensions.update_trace(await _json_body(request), name)
 
 
@@ -147,19 +143,19 @@ async def shm_region_status(state: State, region: str) -> list[dict[str, Any]]:
 
 @router.post("/v2/systemsharedmemory/region/{region}/register")
 async def shm_register(request: Request, state: State, region: str) -> dict[str, Any]:
-    state.extensions.register_system(region, await _json_body(request))
+    await state.register_region(region, *protocol.region_request(await _json_body(request)))
     return {}
 
 
 @router.post("/v2/systemsharedmemory/region/{region}/unregister")
 async def shm_unregister(state: State, region: str) -> dict[str, Any]:
-    state.extensions.shm.unregister(region)
+    await state.unregister_region(region)
     return {}
 
 
 @router.post("/v2/systemsharedmemory/unregister")
 async def shm_unregister_all(state: State) -> dict[str, Any]:
-    state.extensions.shm.unregister()
+    await state.unregister_region(None)
     return {}
 
 
@@ -199,26 +195,20 @@ async def answer_infer(state: ServerState, name: str, version: str | None,
                        content_encoding: str | None) -> Response:
     """One v2 inference request answered: served by the route above and by `serve.hotpath`, which
     calls it without FastAPI's per-request machinery."""
-    state.check_model(name, version)
-    batcher = state.require_ready()
-    config, card, extensions = state.config, state.runner.card, state.extensions
+    config, extensions = state.config, state.extensions
 
-    async def work(timing: RequestTiming) -> Response:
-        began = time.perf_counter()
+    async def decode(model: ServedModel) -> tuple[InferRequest, np.ndarray]:
         body = await read_body()
-        args = (body, header_length, content_encoding, config, card, extensions)
+        args = (body, header_length, content_encoding, model, config, extensions)
         if header_length is None:  # JSON tensors: big ones are parsed off the event loop
-            parsed, batch = await state.offload(len(body), protocol.parse_infer, *args,
-                                                inline_below=INLINE_JSON_BYTES)
-        else:  # binary tensors are views of the body (numpy.frombuffer): no work worth a thread
-            parsed, batch = protocol.parse_infer(*args)
-        timing.input_s = time.perf_counter() - began
-        logits = await batcher.infer(batch, timing)
-        began = time.perf_counter()
-        payload, length = protocol.infer_response(parsed, logits, config, card, extensions)
-        timing.output_s = time.perf_counter() - began
+            return await state.offload(len(body), protocol.parse_infer, *args, inline_below=INLINE_JSON_BYTES)
+        return protocol.parse_infer(*args)  # binary tensors are views of the body: no work worth a thread
+
+    def encode(model: ServedModel, parsed: InferRequest, logits: np.ndarray | None) -> Response:
+        assert logits is not None
+        payload, length = protocol.infer_response(parsed, logits, model, extensions)
         if length is None:
             return Response(payload, media_type="application/json")
         return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(length)})
 
-    return await state.counted(work)
+    return await state.infer(state.model(name, version), decode, encode)

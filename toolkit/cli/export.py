@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -44,10 +45,76 @@ else:
     CalibMethod = choices("CalibMethod", CALIB_METHODS)
 
 
+CALIB = "int8 calibration"
+CHECKS = "Verification against eager PyTorch"
+TARGET = "TensorRT and Triton"
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    calib_dataset: Annotated[DatasetName | None, typer.Option(
+        help="Labelled images for int8 calibration (train split when there is one) and, held out from "
+        "calibration, for verification.", rich_help_panel=CALIB)] = None
+    calib_size: Annotated[int, typer.Option(
+        min=1, help="Calibration images (class-balanced, seeded).", rich_help_panel=CALIB)] = 512
+    calib_method: Annotated[CalibMethod, typer.Option(
+        help="int8 range estimation.", rich_help_panel=CALIB)] = CalibMethod["minmax"]
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """How an export is verified: fp32 by the logits, fp16/int8 by the accuracy change (McNemar)."""
+
+    verify: Annotated[bool, typer.Option(
+        "--verify/--no-verify", help="Check the artifact against eager PyTorch.",
+        rich_help_panel=CHECKS)] = True
+    verify_samples: Annotated[int, typer.Option(
+        min=1, help="Images used by the parity check.", rich_help_panel=CHECKS)] = 512
+    atol: Annotated[float, typer.Option(
+        min=0, help="fp32: allowed |diff| on logits (plus rtol * |ref|).", rich_help_panel=CHECKS)] = 1e-4
+    rtol: Annotated[float, typer.Option(
+        min=0, help="fp32: relative part of the logits tolerance.", rich_help_panel=CHECKS)] = 1e-3
+    alpha: Annotated[float | None, typer.Option(
+        min=0, max=1, help="fp16/int8: fail when McNemar's test finds the accuracy loss significant at this "
+        "level. Default: 0.05.", rich_help_panel=CHECKS, show_default=False)] = None
+    min_agreement: Annotated[float | None, typer.Option(
+        min=0, max=1, help="fp16/int8: also require this top-1 agreement with fp32 (reported, not gated, "
+        "by default).", rich_help_panel=CHECKS)] = None
+    max_accuracy_drop: Annotated[float | None, typer.Option(
+        min=0, help="fp16/int8: also fail when accuracy drops more than this (0-1), significant or not.",
+        rich_help_panel=CHECKS)] = None
+
+    def settings(self) -> dict[str, Any]:
+        from export.verify import Tolerances
+
+        gates = given(alpha=self.alpha, min_agreement=self.min_agreement,
+                      max_accuracy_drop=self.max_accuracy_drop)
+        return {"do_verify": self.verify, "verify_samples": self.verify_samples,
+                "tolerances": Tolerances(atol=self.atol, rtol=self.rtol, **gates)}
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """The options of the engine and repository formats; other formats refuse them by name."""
+
+    max_batch: Annotated[int | None, typer.Option(
+        min=1, help="TensorRT profile's largest batch and Triton's max_batch_size. Default: max(32, "
+        "--batch-size).", rich_help_panel=TARGET)] = None
+    workspace_gb: Annotated[float | None, typer.Option(
+        min=0.1, help="TensorRT builder memory pool (GiB).", rich_help_panel=TARGET)] = None
+    timing_cache: Annotated[Path | None, typer.Option(
+        help="TensorRT timing cache, read and updated.", rich_help_panel=TARGET)] = None
+    name: Annotated[str | None, typer.Option(
+        help="Triton model name. Default: the checkpoint's stem.", rich_help_panel=TARGET)] = None
+
+
 @handles_errors
-@options(card=CardOptions)
+@options(card=CardOptions, calib=CalibOptions, checks=CheckOptions, target=TargetOptions)
 def export(
     card: CardOptions,
+    calib: CalibOptions,
+    checks: CheckOptions,
+    target: TargetOptions,
     model: ModelOpt = None,
     format: Annotated[ExportFormat, typer.Option(
         "--format", "-f", help="Artifact to write.")] = ExportFormat["onnx"],
@@ -63,34 +130,8 @@ def export(
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size of a --static export.")] = 1,
     dynamic: Annotated[bool, typer.Option(
         "--dynamic/--static", help="Dynamic batch axis, or fixed --batch-size.")] = True,
-    calib_dataset: Annotated[DatasetName | None, typer.Option(
-        help="Labelled images for int8 calibration and, held out from it, for verification.")] = None,
     data_dir: DataDirOpt = None,
-    calib_size: Annotated[int, typer.Option(
-        min=1, help="Calibration images (class-balanced, seeded).")] = 512,
-    calib_method: Annotated[CalibMethod, typer.Option(help="int8 range estimation.")] = CalibMethod["minmax"],
-    verify: Annotated[bool, typer.Option(
-        "--verify/--no-verify", help="Check the artifact against eager PyTorch.")] = True,
-    verify_samples: Annotated[int, typer.Option(min=1, help="Images used by the parity check.")] = 512,
-    atol: Annotated[float, typer.Option(
-        min=0, help="fp32: allowed |diff| on logits (plus rtol * |ref|).")] = 1e-4,
-    rtol: Annotated[float, typer.Option(min=0, help="fp32: relative part of the logits tolerance.")] = 1e-3,
-    min_agreement: Annotated[float | None, typer.Option(
-        min=0, max=1, help="fp16/int8: also require this top-1 agreement with fp32 (not gated by "
-        "default: accuracy is).")] = None,
-    max_accuracy_drop: Annotated[float | None, typer.Option(
-        min=0, help="fp16/int8: also fail when accuracy drops more than this (0-1), significant or "
-        "not.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda (TensorRT needs cuda).")] = "cpu",
-    max_batch: Annotated[int | None, typer.Option(
-        min=1, help="TensorRT profile's largest batch and Triton's max_batch_size. "
-        "Default: max(32, --batch-size).")] = None,
-    workspace_gb: Annotated[float | None, typer.Option(
-        min=0.1, help="TensorRT builder memory pool (GiB).")] = None,
-    timing_cache: Annotated[Path | None, typer.Option(
-        help="TensorRT timing cache, read and updated.")] = None,
-    name: Annotated[str | None, typer.Option(
-        help="Triton model name. Default: the checkpoint's stem.")] = None,
     arch: ArchOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
@@ -100,36 +141,35 @@ def export(
     Options that belong to other formats (--name for onnx, say) are refused with the valid ones named.
     """
     from export.pipeline import run_export
-    from export.verify import Tolerances
 
-    if calib_dataset is not None and calib_dataset.value == "folder" and data_dir is None:
+    if calib.calib_dataset is not None and calib.calib_dataset.value == "folder" and data_dir is None:
         raise UsageError("--calib-dataset folder needs --data-dir pointing at class-per-subfolder images")
     result = run_export(
         resolve_model(model), value(format), output, precision=value(precision), opset=opset,
-        batch_size=batch_size, dynamic=dynamic, calib_dataset=calib_dataset.value if calib_dataset else None,
-        data_dir=data_dir, calib_size=calib_size, calib_method=value(calib_method), do_verify=verify,
-        verify_samples=verify_samples,
-        tolerances=Tolerances(atol=atol, rtol=rtol, min_agreement=min_agreement,
-                              max_accuracy_drop=max_accuracy_drop),
-        device=device, arch=None if arch == "auto" else arch, allow_pickle=allow_pickle,
-        card_flags=card.flags() or None,
-        **given(max_batch=max_batch, workspace_gb=workspace_gb, timing_cache=timing_cache, name=name),
+        batch_size=batch_size, dynamic=dynamic, data_dir=data_dir, device=device,
+        calib_dataset=calib.calib_dataset.value if calib.calib_dataset else None, calib_size=calib.calib_size,
+        calib_method=value(calib.calib_method), arch=None if arch == "auto" else arch,
+        allow_pickle=allow_pickle, card_flags=card.flags() or None, **checks.settings(),
+        **given(**asdict(target)),
     )
     if as_json:
         print_json(result.to_dict())
     else:
-        from rich.markup import escape
-
-        out = console()
-        size = result.size_bytes / 1e6
-        out.print(f"[bold]{result.format}[/] {result.precision} -> {escape(str(result.path))} "
-                  f"({size:.2f} MB, {result.seconds:.1f} s)")
-        if result.verify is not None:
-            style = "green" if result.verify.passed else "bold red"
-            out.print(f"[{style}]verify {escape(result.verify.summary())}[/]")
-        else:
-            out.print("[yellow]not verified (--no-verify)[/]")
+        _render_export(result)
     result.check()  # VerificationError: one red line, exit 1; the artifact stays aside
+
+
+def _render_export(result: Any) -> None:
+    from rich.markup import escape
+
+    out = console()
+    out.print(f"[bold]{result.format}[/] {result.precision} -> {escape(str(result.path))} "
+              f"({result.size_bytes / 1e6:.2f} MB, {result.seconds:.1f} s)")
+    if result.verify is not None:
+        style = "green" if result.verify.passed else "bold red"
+        out.print(f"[{style}]verify {escape(result.verify.summary())}[/]")
+    else:
+        out.print("[yellow]not verified (--no-verify)[/]")
 
 
 def _split_list(values: list[str] | None) -> list[str] | None:
@@ -188,7 +228,7 @@ def benchmark_command(
 def info(model: ModelOpt = None, as_json: JsonOpt = False) -> None:
     """Print the card and the facts of any model file: format, precision, shapes, opset/TensorRT \
 version, size."""  # one line in `toolkit --help` (rich mode keeps a docstring's line breaks)
-    from ..artifacts import describe_artifact
+    from ..describe import describe_artifact
 
     facts = describe_artifact(resolve_model(model))
     if as_json:

@@ -60,7 +60,7 @@ class RunnerSpec:
 
         if not self.model.startswith(("http://", "https://")) and detect_format(self.model) in (
                 "onnx", "torchscript", "tensorrt"):
-            from ..artifacts import read_artifact
+            from ..runtime.registry import read_artifact
 
             return override_card(read_artifact(self.model)[0], self.card_flags, self.model)
         with replace(self, device="cpu").open() as runner:

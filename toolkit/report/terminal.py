@@ -72,12 +72,15 @@ def render_validation(report: ValidationReport, console: Any) -> None:
     if report.recognised:
         rows.append(("recognised", f"{report.recognised['publisher']} {report.recognised['name']}"))
     if report.recorded:
-        rows.append(("recorded", ", ".join(f"{key} {value}" for key, value in report.recorded.items())))
+        from ..validate import recorded_text
+
+        rows.append(("recorded", recorded_text(report.recorded)))
     if report.accuracy is not None:
         published = (f"; published {report.recognised['top1']:g} % on {report.recognised['dataset']}"
                      if report.recognised else "")
         rows.append(("accuracy", f"{report.accuracy:.2%} top-1 on {report.accuracy_samples} images"
-                     f" ({report.accuracy_precision or 'fp32'} on {report.accuracy_device or 'cpu'}){published}"))
+                     f" ({report.accuracy_precision or 'fp32'} on {report.accuracy_device or 'cpu'})"
+                     f"{published}"))
     _print_facts(rows, console)
     if not report.problems:
         console.print("[green]no problems found[/]")
@@ -100,7 +103,8 @@ def render_info(facts: dict[str, Any], console: Any) -> None:
         ("outputs", shapes("outputs")),
         ("opset", facts.get("opset")), ("TensorRT", facts.get("tensorrt_version")), ("GPU", facts.get("gpu")),
         ("compute capability", facts.get("compute_capability")), ("profile", facts.get("profile")),
-        ("torch", facts.get("torch_version")), ("device", facts.get("device")), ("CPU ISA", facts.get("cpu_isa")),
+        ("torch", facts.get("torch_version")), ("device", facts.get("device")),
+        ("CPU ISA", facts.get("cpu_isa")),
         ("exporter", facts.get("exporter")), ("producer", facts.get("producer")),
         ("calibration", facts.get("calibration")),
         *(card_rows(card) if card else []),

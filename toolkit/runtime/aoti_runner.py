@@ -13,7 +13,10 @@ native code.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,20 @@ from .pt2_runner import batch_limits
 from .torch_runner import torch_device
 
 REBUILD_HINT = "rebuild it here: toolkit export -m CHECKPOINT --format aoti"
+
+
+@contextlib.contextmanager
+def quiet_cuda_home_warning() -> Iterator[None]:
+    """torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when inductor first
+    imports it on a machine with a CUDA_HOME and no GPU: noise for a CPU package, so its warnings are
+    off while inductor compiles or loads one."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def release(version: str) -> str:
@@ -50,14 +67,21 @@ def check_compatible(facts: ArtifactFacts, device: str, path: Path) -> None:
     if built_for != asked:
         raise ModelFormatError(f"{path.name} was compiled for {built_for} and runs only there (--device "
                                f"{built_for}); to run on {asked}, {REBUILD_HINT} --device {asked}")
+    if asked == "cuda" and facts.compute_capability:
+        index = torch.device(device).index or 0
+        here = "{}.{}".format(*torch.cuda.get_device_capability(index))
+        if here != facts.compute_capability:
+            raise ModelFormatError(f"{path.name} was compiled for compute capability "
+                                   f"{facts.compute_capability} ({facts.gpu or 'unknown GPU'}); this GPU has "
+                                   f"{here}: {REBUILD_HINT} --device cuda")
     isa = extra.get("cpu_isa")
     if asked == "cpu" and isa:
         from torch._inductor.cpu_vec_isa import valid_vec_isa_list
 
-        here = [str(candidate) for candidate in valid_vec_isa_list()]
-        if isa not in here:
+        offered = [str(candidate) for candidate in valid_vec_isa_list()]
+        if isa not in offered:
             raise ModelFormatError(f"{path.name} was compiled for CPUs with {isa}; this CPU offers "
-                                   f"{', '.join(here) or 'no vector ISA inductor uses'}: {REBUILD_HINT}")
+                                   f"{', '.join(offered) or 'no vector ISA inductor uses'}: {REBUILD_HINT}")
 
 
 class AOTInductorRunner(Runner):
@@ -90,13 +114,14 @@ class AOTInductorRunner(Runner):
             raise ModelFormatError(f"{path} is a torch.export program, not an AOTInductor package: open it "
                                    "with --backend pt2")
         if precision not in ("fp32", facts.precision):
-            raise UsageError(f"{path} is an AOTInductor package compiled at {facts.precision}; for {precision}, "
-                             f"export one with --format aoti --precision {precision}")
-        check_compatible(facts, device, path)
+            raise UsageError(f"{path} is an AOTInductor package compiled at {facts.precision}; for "
+                             f"{precision}, export one with --format aoti --precision {precision}")
         target = torch_device(device)
         try:
-            model = torch._inductor.aoti_load_package(
-                str(path), device_index=-1 if target.index is None else target.index)
+            with quiet_cuda_home_warning():
+                check_compatible(facts, device, path)
+                model = torch._inductor.aoti_load_package(
+                    str(path), device_index=-1 if target.index is None else target.index)
         except (RuntimeError, ValueError, OSError) as exc:
             raise ModelFormatError(f"{path}: not a loadable AOTInductor package ({first_line(exc)}): "
                                    f"{REBUILD_HINT}") from None
@@ -104,6 +129,8 @@ class AOTInductorRunner(Runner):
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
+        if not batch.flags.writeable:  # the server's wire buffers: torch warns on read-only arrays
+            batch = batch.copy()
         x = torch.from_numpy(batch).to(self._device)
         with self._lock, torch.inference_mode():
             out = self._model(x)

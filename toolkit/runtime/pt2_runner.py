@@ -1,4 +1,4 @@
-"""torch.export programs (`.pt2` from `toolkit export --format pt2`; card and facts in the archive's `extra/`).
+"""torch.export programs (`.pt2`, `toolkit export --format pt2`): card and facts in the archive's `extra/`.
 
 The program is run as the eager reference is (`TorchRunner`: same device handling, precision and
 call), through `ExportedProgram.module()`: an FX GraphModule whose guards check each batch against
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import ArtifactFacts
-from ..pt2_archive import read_pt2
 from ..errors import ModelFormatError, UsageError, first_line
+from ..pt2_archive import read_pt2
 from .torch_runner import RunOptions, TorchRunner, check_gpu_options, torch_device
 
 
@@ -56,12 +56,14 @@ class ExportedProgramRunner(TorchRunner):
                                    "with --backend aoti")
         module = load_program(path, device)
         own = facts.precision
-        options = RunOptions(channels_last=bool(channels_last), cuda_graphs=cuda_graphs, batch_size=batch_size)
+        options = RunOptions(channels_last=bool(channels_last), cuda_graphs=cuda_graphs,
+                             batch_size=batch_size)
         runner = cls(module, card, source=str(path), device=device, facts=facts,
                      precision=reduced_precision(path, own, precision, "torch.export"), options=options,
                      cast="none" if own != "fp32" else "weights")
         runner.fixed_batch_size, limit = batch_limits(facts)
         runner.max_batch_size = runner.fixed_batch_size or limit
+        runner.accepts_uint8 = False  # batches go through `Runner.__call__`, which splits them to the range
         return runner.warm_up(warmup)
 
 
@@ -78,8 +80,8 @@ def load_program(path: Path, device: str) -> Any:
             program = move_to_device_pass(program, target)
         return _inference_module(program.module())
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
-        raise ModelFormatError(f"{path}: not a loadable torch.export program ({first_line(exc)}); "
-                               "re-export it with this torch: toolkit export -m CHECKPOINT --format pt2") from None
+        raise ModelFormatError(f"{path}: not a loadable torch.export program ({first_line(exc)}); re-export "
+                               "it with this torch: toolkit export -m CHECKPOINT --format pt2") from None
 
 
 def _inference_module(graph: Any) -> Any:
