@@ -346,7 +346,10 @@ def malformed_jobs(png: bytes) -> list[tuple[str, str, bytes, dict[str, str], in
     ]
 
 
-def main() -> None:
+Job = tuple[str, str, bytes, dict[str, str], "int | None"]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=1500, help="requests per concurrency-32 measurement")
@@ -369,96 +372,98 @@ def main() -> None:
                         "on cpu, 64 on cuda)")
     args = parser.parse_args()
     args.workers = sorted(int(w) for w in str(args.workers).split(","))
-    cuda = args.device == "cuda"
-    concurrency = args.concurrency or (64 if cuda else 32)
-    device_flags = ("--device", "cuda", "--precision", args.precision or "fp16") if cuda else ()
+    args.cuda = args.device == "cuda"
+    args.concurrency = args.concurrency or (64 if args.cuda else 32)
+    args.device_flags = ("--device", "cuda", "--precision", args.precision or "fp16") if args.cuda else ()
+    return args
 
-    with contextlib.suppress(ImportError):  # uvloop is optional: a faster client loop where installed
-        import uvloop
 
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    from toolkit.data import load_sample
-    from toolkit.preprocess import preprocess
-    from toolkit.runtime.registry import open_model
+class Workload:
+    """The model served, its offline baseline, and the requests sent: CIFAR-size PNGs to /predict and the
+    same images as binary v2 tensors, each with the top-1 the offline runner gives it."""
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    if cuda:
-        served = save_resnet56_checkpoint(workdir / "resnet56.pt")
-    else:
-        served = args.onnx or build_resnet56(workdir / "resnet56.onnx")
-    sample = load_sample("test").images
-    assert sample is not None
-    images = sample[:256]
-    from PIL import Image
+    def __init__(self, args: argparse.Namespace) -> None:
+        from PIL import Image
 
-    pngs = []
-    for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, "PNG")
-        pngs.append(buffer.getvalue())
+        from toolkit.data import load_sample
+        from toolkit.preprocess import preprocess
+        from toolkit.runtime.registry import open_model
 
-    print(f"machine: {os.cpu_count()} logical CPUs shared by client, server and (here) other work; "
-          f"load average {os.getloadavg()[0]:.1f}")
-    options = {"precision": device_flags[3]} if cuda else {}
-    with open_model(served, device=args.device, **options) as runner:
-        base = offline(runner, runner.card, images)
-        expected_top1 = runner(preprocess(images, runner.card)).argmax(1)
-        card, backend = runner.card, f"{runner.backend} {runner.precision} on {runner.device}"
-    print(f"offline Runner ({backend}, ResNet-56 random weights): "
-          + ", ".join(f"b{b}={v:.0f}" for b, v in base["per_batch"].items())
-          + f" img/s; best {base['best_ips']:.0f} img/s; batch-1 p50 {base['batch1_p50_ms']:.2f} ms")
+        workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+        if args.cuda:
+            self.served = save_resnet56_checkpoint(workdir / "resnet56.pt")
+        else:
+            self.served = args.onnx or build_resnet56(workdir / "resnet56.onnx")
+        sample = load_sample("test").images
+        assert sample is not None
+        images = sample[:256]
+        self.pngs = []
+        for image in images:
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, "PNG")
+            self.pngs.append(buffer.getvalue())
+        options = {"precision": args.device_flags[3]} if args.cuda else {}
+        with open_model(self.served, device=args.device, **options) as runner:
+            self.base = offline(runner, runner.card, images)
+            self.top1 = runner(preprocess(images, runner.card)).argmax(1)
+            card = runner.card
+            self.backend = f"{runner.backend} {runner.precision} on {runner.device}"
+        tensors = preprocess(images, card)
+        one = {"name": "input", "shape": [1, *tensors.shape[1:]], "datatype": "FP32",
+               "parameters": {"binary_data_size": tensors[0].nbytes}}
+        header = json.dumps({"inputs": [one], "outputs": [{"name": "logits",
+                                                           "parameters": {"binary_data": False}}]}).encode()
+        self.v2_bodies = [header + tensors[i].tobytes() for i in range(len(tensors))]
+        self.v2_headers = {"Inference-Header-Content-Length": str(len(header)),
+                           "Content-Type": "application/octet-stream"}
 
-    def jobs(n: int) -> list[tuple[str, str, bytes, dict[str, str], int | None]]:
-        return [("POST", "/predict?top_k=1", pngs[i % len(pngs)], {"Content-Type": "image/png"},
-                 int(expected_top1[i % len(pngs)])) for i in range(n)]
+    def jobs(self, n: int) -> list[Job]:
+        return [("POST", "/predict?top_k=1", self.pngs[i % len(self.pngs)], {"Content-Type": "image/png"},
+                 int(self.top1[i % len(self.pngs)])) for i in range(n)]
 
-    tensors = preprocess(images, card)
-    header = json.dumps({"inputs": [{"name": "input", "shape": [1, *tensors.shape[1:]], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": tensors[0].nbytes}}],
-                         "outputs": [{"name": "logits", "parameters": {"binary_data": False}}]}).encode()
-    v2_bodies = [header + tensors[i].tobytes() for i in range(len(tensors))]
-    v2_headers = {"Inference-Header-Content-Length": str(len(header)),
-                  "Content-Type": "application/octet-stream"}
+    def v2_jobs(self, n: int) -> list[Job]:
+        return [("POST", "/v2/models/r56/infer", self.v2_bodies[i % len(self.v2_bodies)], self.v2_headers,
+                 int(self.top1[i % len(self.pngs)])) for i in range(n)]
 
-    def v2_jobs(n: int) -> list[tuple[str, str, bytes, dict[str, str], int | None]]:
-        return [("POST", "/v2/models/r56/infer", v2_bodies[i % len(v2_bodies)], v2_headers,
-                 int(expected_top1[i % len(pngs)])) for i in range(n)]
 
-    def measure(port: int, server: subprocess.Popen, work: list, concurrency: int) -> dict[str, float]:
-        before, cpu, model0 = scrape(port), tree_cpu_s(server.pid), model_threads_cpu_s(server.pid)
-        seconds, latencies, results = asyncio.run(load(port, work, concurrency))
-        used, after, model1 = tree_cpu_s(server.pid) - cpu, scrape(port), model_threads_cpu_s(server.pid)
-        images = after["nv_inference_count"] - before["nv_inference_count"]
-        execs = max(1.0, after["nv_inference_exec_count"] - before["nv_inference_exec_count"])
-        mean_batch = images / execs if images else 1.0
-        outside = used - (model1 - model0)
-        return {"ips": len(work) / seconds, "p50": pct(latencies, 50), "p99": pct(latencies, 99),
-                "wrong": sum(1 for s, b, e in results if s != 200 or top1(b) != e), "batch": mean_batch,
-                "cpu_us": 1e6 * used / len(work), "outside_us": 1e6 * outside / len(work),
-                "model_us": 1e6 * (model1 - model0) / len(work)}
+def measure(port: int, server: subprocess.Popen, work: list[Job], concurrency: int) -> dict[str, float]:
+    """Throughput, latency, wrong answers, mean batch and server CPU per request of one load."""
+    before, cpu, model0 = scrape(port), tree_cpu_s(server.pid), model_threads_cpu_s(server.pid)
+    seconds, latencies, results = asyncio.run(load(port, work, concurrency))
+    used, after, model1 = tree_cpu_s(server.pid) - cpu, scrape(port), model_threads_cpu_s(server.pid)
+    images = after["nv_inference_count"] - before["nv_inference_count"]
+    execs = max(1.0, after["nv_inference_exec_count"] - before["nv_inference_exec_count"])
+    mean_batch = images / execs if images else 1.0
+    outside = used - (model1 - model0)
+    return {"ips": len(work) / seconds, "p50": pct(latencies, 50), "p99": pct(latencies, 99),
+            "wrong": sum(1 for s, b, e in results if s != 200 or top1(b) != e), "batch": mean_batch,
+            "cpu_us": 1e6 * used / len(work), "outside_us": 1e6 * outside / len(work),
+            "model_us": 1e6 * (model1 - model0) / len(work)}
 
+
+def run_table(args: argparse.Namespace, work: Workload) -> dict[tuple[int, int, bool], dict[str, Any]]:
+    """One server per row (workers, max batch, shared runner): its figures, printed as a Markdown row."""
     runs = [(w, 32, False) for w in args.workers] + [(args.workers[-1], 1, False)]
-    if args.workers[-1] > 1 and not args.no_alternative and not cuda:  # a GPU is always shared
+    if args.workers[-1] > 1 and not args.no_alternative and not args.cuda:  # a GPU is always shared
         runs.append((args.workers[-1], 32, True))
-    table: dict[tuple[int, int, bool], dict[str, dict[str, float]]] = {}
-    print(f"\n| workers | arrangement | PNG /predict c={concurrency} img/s (x offline best) | binary v2 "
-          f"c={concurrency} img/s (x) "
-          "| mean batch | c=1 p50 ms | server CPU per PNG request: all / model / outside the model |")
+    table: dict[tuple[int, int, bool], dict[str, Any]] = {}
+    c, best = args.concurrency, work.base["best_ips"]
+    print(f"\n| workers | arrangement | PNG /predict c={c} img/s (x offline best) | binary v2 c={c} img/s "
+          "(x) | mean batch | c=1 p50 ms | server CPU per PNG request: all / model / outside the model |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for workers, max_batch, shared in runs:
         port = free_port()
-        server = start_server(served, port, max_batch, workers, shared, device_flags)
+        server = start_server(work.served, port, max_batch, workers, shared, args.device_flags)
         try:
-            asyncio.run(load(port, jobs(200), concurrency))  # warm connections and caches
-            asyncio.run(load(port, v2_jobs(100), concurrency))
-            png = measure(port, server, jobs(args.requests), concurrency)
-            v2 = measure(port, server, v2_jobs(args.requests), concurrency)
-            c1 = measure(port, server, jobs(300), 1) if max_batch > 1 else None
+            asyncio.run(load(port, work.jobs(200), c))  # warm connections and caches
+            asyncio.run(load(port, work.v2_jobs(100), c))
+            png = measure(port, server, work.jobs(args.requests), c)
+            v2 = measure(port, server, work.v2_jobs(args.requests), c)
+            c1 = measure(port, server, work.jobs(300), 1) if max_batch > 1 else None
             table[(workers, max_batch, shared)] = {"png": png, "v2": v2, **({"c1": c1} if c1 else {})}
             mode = ("one process" if workers == 1 else "one inference process (--shared-runner)" if shared
-                    else "one inference process (default)" if cuda else "a model per worker (default)")
+                    else "one inference process (default)" if args.cuda else "a model per worker (default)")
             mode += "" if max_batch > 1 else ", batching off"
-            best = base["best_ips"]
             print(f"| {workers} | {mode} | {png['ips']:.0f} ({png['ips'] / best:.2f}x) | "
                   f"{v2['ips']:.0f} ({v2['ips'] / best:.2f}x) | {png['batch']:.1f} | "
                   + (f"{c1['p50']:.2f}" if c1 else "-")
@@ -466,28 +471,49 @@ def main() -> None:
                   + (f" WRONG {png['wrong'] + v2['wrong']}" if png["wrong"] + v2["wrong"] else ""),
                   flush=True)
             if args.load_test and max_batch == 32 and not shared and workers == args.workers[-1]:
-                load_test(port, server, jobs, pngs[0], args.load_rounds, args.load_good, args.load_bad)
+                load_test(port, server, work.jobs, work.pngs[0], args.load_rounds, args.load_good,
+                          args.load_bad)
         finally:
             code = stop_server(server)
             if code != 0:
                 print(f"  server exit code {code}")
-    top = table[(args.workers[-1], 32, False)]
-    off = table[(args.workers[-1], 1, False)]
-    best = base["best_ips"]
-    if cuda:
-        print(f"\nPNG /predict at c={concurrency} on the GPU: {top['png']['ips']:.0f} img/s (issue 11's "
+    return table
+
+
+def print_ratios(args: argparse.Namespace, work: Workload, table: dict[tuple[int, int, bool], Any]) -> None:
+    top, off = table[(args.workers[-1], 32, False)], table[(args.workers[-1], 1, False)]
+    best, c = work.base["best_ips"], args.concurrency
+    if args.cuda:
+        print(f"\nPNG /predict at c={c} on the GPU: {top['png']['ips']:.0f} img/s (issue 11's "
               f"target on an H100: >= 10,000 at c=64)")
-    print(f"\nratios at --workers {args.workers[-1]}: PNG /predict c={concurrency} / offline best = "
-          f"{top['png']['ips'] / best:.2f} (target >= 0.8); binary v2 c={concurrency} / offline best = "
+    print(f"\nratios at --workers {args.workers[-1]}: PNG /predict c={c} / offline best = "
+          f"{top['png']['ips'] / best:.2f} (target >= 0.8); binary v2 c={c} / offline best = "
           f"{top['v2']['ips'] / best:.2f} (target >= 0.9); batching on / off = "
           f"{top['png']['ips'] / off['png']['ips']:.2f} (target > 1); c=1 p50 - Runner batch-1 = "
-          f"{top['c1']['p50'] - base['batch1_p50_ms']:+.2f} ms (target <= +2); server CPU per PNG request "
-          f"outside the model = {top['png']['outside_us']:.0f} µs (target <= 250)")
+          f"{top['c1']['p50'] - work.base['batch1_p50_ms']:+.2f} ms (target <= +2); server CPU per PNG "
+          f"request outside the model = {top['png']['outside_us']:.0f} µs (target <= 250)")
     if (args.workers[-1], 32, True) in table:
         alt = table[(args.workers[-1], 32, True)]
         print(f"a model per worker / one shared inference process at --workers {args.workers[-1]}: PNG "
               f"{top['png']['ips'] / alt['png']['ips']:.2f}x, "
               f"binary v2 {top['v2']['ips'] / alt['v2']['ips']:.2f}x")
+
+
+def main() -> None:
+    """Phases: arguments -> the workload and its offline baseline -> one server per table row -> ratios."""
+    args = parse_args()
+    with contextlib.suppress(ImportError):  # uvloop is optional: a faster client loop where installed
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    work = Workload(args)
+    print(f"machine: {os.cpu_count()} logical CPUs shared by client, server and (here) other work; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    base = work.base
+    print(f"offline Runner ({work.backend}, ResNet-56 random weights): "
+          + ", ".join(f"b{b}={v:.0f}" for b, v in base["per_batch"].items())
+          + f" img/s; best {base['best_ips']:.0f} img/s; batch-1 p50 {base['batch1_p50_ms']:.2f} ms")
+    print_ratios(args, work, run_table(args, work))
 
 
 def load_test(port: int, server: subprocess.Popen, jobs, png: bytes, rounds: int = 3, good: int = 600,

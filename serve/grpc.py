@@ -219,7 +219,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: Any, context: Any) -> Any:
         state, version = self.state, request.version or None
         ready = state.models.is_ready(request.name, version) and not state.draining and not state.unavailable
-        if not ready:
+        if not ready and not state.models.knows(request.name, version):
             state.model(request.name, version)  # NOT_FOUND for a model the server does not know
         return service_pb2.ModelReadyResponse(ready=ready)
 

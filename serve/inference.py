@@ -274,7 +274,8 @@ class InferenceHub:
         slots = None
         local = self.local.get(attach.uid)
         if local is not None:  # the model runs here: the worker writes its batches into a block of its own
-            slots = self._block(worker, attach.uid, local)
+            held = worker.blocks.get(attach.uid)
+            slots = held.slots if held is not None else self._block(worker, attach.uid, local)
         answer: Attached = await self.ask(worker, lambda token: replace(attach, token=token, slots=slots))
         if answer.failure is not None:  # the worker logged which it was; every worker fails alike
             raise ModelLoadError(answer.failure.message)
@@ -340,11 +341,12 @@ class InferenceHub:
             return
         finally:
             del batch
-        inline: bytes | None = logits.tobytes()
+        inline = None
         if block is not None and order.slot >= 0 and logits.nbytes <= block.slots.out_bytes:
             offset = order.slot * block.slot_bytes + block.slots.in_bytes
             np.ndarray(logits.shape, np.float32, buffer=block.shm.buf, offset=offset)[...] = logits
-            inline = None
+        else:
+            inline = logits.tobytes()
         send(worker.writer, Inferred(order.request_id, logits.shape, inline, timing.queue_s, timing.infer_s,
                                      timing.batch_size))
 

@@ -35,10 +35,22 @@ SLOT_BUDGET = 64 * 1024 * 1024  # shared memory per worker (pages are only used 
 Snapshot = dict[str, Any]  # `Stats.snapshot()`: plain, picklable counters
 
 
+class Message:
+    """Base of every message: pickled as (class, field values), rebuilt by its constructor (a frozen
+    slotted dataclass's own pickling goes through Python-level __getstate__/__setstate__, several
+    microseconds per message on the inference hot path)."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        fields: tuple[str, ...] = self.__slots__  # a dataclass(slots=True): its fields, in order
+        return type(self), tuple(getattr(self, name) for name in fields)
+
+
 # --- failures ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class Failure:
+class Failure(Message):
     """An error that crossed a process boundary: raised again on the other side as the same class."""
 
     status: int
@@ -65,19 +77,19 @@ class Failure:
 # --- parent <-> inference process (a multiprocessing Pipe) --------------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class HubUp:
+class HubUp(Message):
     """The inference process listens for workers."""
 
 
 @dataclass(frozen=True, slots=True)
-class HubFailed:
+class HubFailed(Message):
     """The server cannot start (a model that must load did not): the parent exits 1 with the reason."""
 
     reason: str
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerUp:
+class WorkerUp(Message):
     """Worker `index` connected and holds every model: its start succeeded."""
 
     index: int
@@ -85,24 +97,24 @@ class WorkerUp:
 
 
 @dataclass(frozen=True, slots=True)
-class Serving:
+class Serving(Message):
     """Every worker is up and every model that should be loaded is: the server was ready once."""
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerRestarted:
+class WorkerRestarted(Message):
     index: int
     pid: int
     exitcode: int | None
 
 
 @dataclass(frozen=True, slots=True)
-class Stop:
+class Stop(Message):
     """The parent drains: the inference process lets requests finish, then exits."""
 
 
 @dataclass(frozen=True, slots=True)
-class StartFailed:
+class StartFailed(Message):
     """A worker could not start (worker -> parent): the server stops with this reason."""
 
     reason: str
@@ -111,13 +123,13 @@ class StartFailed:
 # --- worker <-> inference process (the Unix socket) ------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class Hello:
+class Hello(Message):
     index: int
     pid: int
 
 
 @dataclass(frozen=True, slots=True)
-class Welcome:
+class Welcome(Message):
     """The system shared-memory regions clients registered so far (a worker that starts later must
     know them too)."""
 
@@ -125,7 +137,7 @@ class Welcome:
 
 
 @dataclass(frozen=True, slots=True)
-class Slots:
+class Slots(Message):
     """A shared-memory block for one model's batches from one worker: `count` slots, each an input of
     up to `in_bytes` followed by its logits (`out_bytes`)."""
 
@@ -136,7 +148,7 @@ class Slots:
 
 
 @dataclass(frozen=True, slots=True)
-class Attach:
+class Attach(Message):
     """Hold model `uid`: open `copies` of it here from `spec` (a model in every worker), or with `spec`
     None reach the inference process's copy through `slots`. Answered by `Attached`."""
 
@@ -151,14 +163,14 @@ class Attach:
 
 
 @dataclass(frozen=True, slots=True)
-class Attached:
+class Attached(Message):
     token: int
     description: Any = None
     failure: Failure | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class Detach:
+class Detach(Message):
     """Let model `uid`'s requests finish, then free it. Answered by `Detached`."""
 
     token: int
@@ -166,12 +178,12 @@ class Detach:
 
 
 @dataclass(frozen=True, slots=True)
-class Detached:
+class Detached(Message):
     token: int
 
 
 @dataclass(frozen=True, slots=True)
-class Publish:
+class Publish(Message):
     """The repository index and which loaded model answers each (name, version)."""
 
     entries: tuple[Any, ...]  # serve.models.IndexEntry
@@ -179,13 +191,13 @@ class Publish:
 
 
 @dataclass(frozen=True, slots=True)
-class Readiness:
+class Readiness(Message):
     ready: bool
     reason: str | None
 
 
 @dataclass(frozen=True, slots=True)
-class Infer:
+class Infer(Message):
     """A batch for model `uid`: in shared-memory slot `slot`, or inline (slot -1)."""
 
     request_id: int
@@ -196,7 +208,7 @@ class Infer:
 
 
 @dataclass(frozen=True, slots=True)
-class Inferred:
+class Inferred(Message):
     """The logits of request `request_id`: in its slot, or inline; and how long it queued and ran."""
 
     request_id: int
@@ -208,7 +220,7 @@ class Inferred:
 
 
 @dataclass(frozen=True, slots=True)
-class Refused:
+class Refused(Message):
     """Request `request_id` failed (inference, a model control or shared-memory request)."""
 
     request_id: int
@@ -216,14 +228,14 @@ class Refused:
 
 
 @dataclass(frozen=True, slots=True)
-class Done:
+class Done(Message):
     """A model control or shared-memory request succeeded."""
 
     request_id: int
 
 
 @dataclass(frozen=True, slots=True)
-class Control:
+class Control(Message):
     """Load or unload model `name` for the whole server (model control mode explicit)."""
 
     request_id: int
@@ -232,7 +244,7 @@ class Control:
 
 
 @dataclass(frozen=True, slots=True)
-class RegionCommand:
+class RegionCommand(Message):
     """Register (all fields) or unregister (`key` None; `name` None: every region) a system shared-memory
     region, in every worker."""
 
@@ -243,7 +255,7 @@ class RegionCommand:
 
 
 @dataclass(frozen=True, slots=True)
-class Regions:
+class Regions(Message):
     """A worker applied `command` itself and asks the others to (request_id answered Done/Refused);
     the inference process sends it on with token -1 expecting `Applied`."""
 
@@ -252,22 +264,22 @@ class Regions:
 
 
 @dataclass(frozen=True, slots=True)
-class Applied:
+class Applied(Message):
     request_id: int
 
 
 @dataclass(frozen=True, slots=True)
-class StatsQuery:
+class StatsQuery(Message):
     request_id: int
 
 
 @dataclass(frozen=True, slots=True)
-class SnapshotQuery:
+class SnapshotQuery(Message):
     token: int
 
 
 @dataclass(frozen=True, slots=True)
-class Counters:
+class Counters(Message):
     """Statistics: per loaded model (by uid) and the server's own; a worker's answer to SnapshotQuery
     (token), or the merged whole answering StatsQuery (request_id)."""
 

@@ -170,6 +170,11 @@ class ModelTable:
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         return [e.to_dict() for e in self.entries if not ready_only or e.state == READY]
 
+    def knows(self, name: str, version: str | None = None) -> bool:
+        """Whether `name` (and `version`) is a model of this server, loaded or not."""
+        return self.is_ready(name, version) or any(
+            e.name == name and (not version or e.version == version) for e in self.entries)
+
     def versions(self, name: str) -> list[str]:
         """The loaded versions of `name`, lowest first."""
         return sorted(self.routes.get(name, {}), key=_version_key)

@@ -259,6 +259,10 @@ class HubLink:
 
     async def _attach(self, order: Attach) -> None:
         settings = order.settings
+        held = self.state.models.models.get(order.uid)
+        if held is not None:  # asked twice (a load while this worker caught up): it holds it already
+            self._send(Attached(order.token, held.description))
+            return
         try:
             if order.spec is not None:
                 spec = VersionSpec(order.name, order.version, order.spec, settings)

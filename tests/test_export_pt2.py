@@ -173,7 +173,16 @@ def test_fp32_program_runs_at_bf16_when_asked(cifar_pt2, cifar):
     assert 0 < diff < 1.0
 
 
-def test_batch_options_are_checked_before_any_work(cifar, tmp_path):
+def test_program_exported_on_another_device_is_moved_to_this_one(cifar_pt2, cifar, tmp_path):
+    """A program exported with --device cuda holds cuda tensors and device arguments: the runner moves
+    them (torch.export.passes.move_to_device_pass). Simulated by the facts; moving cpu -> cpu is exact."""
+    moved = edit_facts(cifar_pt2, tmp_path / "moved.pt2", device="cuda")
+    batch = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with open_model(moved) as runner, open_model(cifar) as eager:
+        np.testing.assert_allclose(runner(batch), eager(batch), atol=1e-4, rtol=1e-3)
+
+
+def test_batch_options_are_checked_and_refused_in_one_line(cifar, tmp_path):
     with pytest.raises(UsageError, match="--max-batch must be >= 1"):
         run_export(cifar, "pt2", tmp_path / "a.pt2", max_batch=0)
     with pytest.raises(UsageError, match="--static fixes the batch"):

@@ -64,7 +64,7 @@ def test_health_metadata_config_index(triton, runner):
     card = json.loads(config["parameters"]["toolkit.card"]["string_value"])
     assert card["class_names"] == list(runner.card.class_names)
     index = triton.get_model_repository_index()
-    assert index == [{"name": MODEL, "version": "1", "state": "READY"}]  # Triton 2.51 leaves out an empty reason
+    assert index == [{"name": MODEL, "version": "1", "state": "READY"}]  # Triton 2.51 omits an empty reason
     assert "classification" in triton.get_server_metadata()["extensions"]
 
 

@@ -322,3 +322,21 @@ def test_requests_timing_out_in_a_queue_are_answered_504(sample_card):
 
     answers = asyncio.run(main())
     assert all(isinstance(answer, QueueTimeoutError) for answer in answers), answers
+
+
+# --- the command line: refused before anything starts ------------------------------------------------------
+
+@pytest.mark.parametrize("flags, says", [
+    (["--load-model", "a"], "--load-model applies with --model-control-mode explicit"),
+    (["--model-control-mode", "explicit", "--load-model", "*", "--load-model", "a"], "give it alone"),
+    (["-m", "a.onnx", "-m", "b.onnx", "--name", "x"], "--name names a single -m"),
+    (["-m", "x=a.onnx", "-m", "x=b.onnx"], "the same name"),
+    (["--model-repository", ".", "-m", "a.onnx"], "either --model-repository or -m"),
+])
+def test_serve_refuses_contradictory_model_flags(flags, says, tmp_path, sample_onnx_fp32):
+    from support.cli import invoke
+
+    flags = [str(sample_onnx_fp32) if f.endswith(".onnx") and "=" not in f else
+             f.split("=")[0] + "=" + str(sample_onnx_fp32) if f.endswith(".onnx") else f for f in flags]
+    result = invoke("serve", *flags, "--port", "0", "--grpc-port", "0", "--workers", "1")
+    assert result.exit_code == 2 and says in result.output, result.output

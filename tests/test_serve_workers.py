@@ -312,8 +312,8 @@ def test_a_worker_that_cannot_open_the_model_stops_the_server_with_the_reason(tm
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
     assert "worker 0: no such accelerator" in output or "worker 1: no such accelerator" in output
-    assert ("refused: cannot serve: load failed for model 'broken': version 1 is at UNAVAILABLE state: no such "
-            "accelerator") in output
+    assert ("refused: cannot serve: load failed for model 'broken': version 1 is at UNAVAILABLE state: "
+            "no such accelerator") in output
     assert output.count("started (pid") <= 3  # the inference process and the two workers: no restarts
 
 

@@ -57,7 +57,7 @@ async def metadata(state: State, name: str, version: str | None = None) -> dict[
 @router.get("/v2/models/{name}/versions/{version}/ready")
 async def model_ready(state: State, name: str, version: str | None = None) -> Response:
     ready = state.models.is_ready(name, version) and not state.draining and not state.unavailable
-    if not ready:
+    if not ready and not state.models.knows(name, version):
         state.model(name, version)  # 404 for a model the server does not know
     return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 

@@ -54,7 +54,7 @@ class ExportedProgramRunner(TorchRunner):
         if facts.format != "pt2":
             raise ModelFormatError(f"{path} is an AOTInductor package, not a torch.export program: open it "
                                    "with --backend aoti")
-        module = load_program(path, device)
+        module = load_program(path, device, built_on=str(facts.extra.get("device") or "cpu"))
         own = facts.precision
         options = RunOptions(channels_last=bool(channels_last), cuda_graphs=cuda_graphs,
                              batch_size=batch_size)
@@ -67,14 +67,15 @@ class ExportedProgramRunner(TorchRunner):
         return runner.warm_up(warmup)
 
 
-def load_program(path: Path, device: str) -> Any:
-    """The program's module on `device`; an unreadable archive is one ModelFormatError naming the file."""
+def load_program(path: Path, device: str, built_on: str = "cpu") -> Any:
+    """The program's module on `device` (its tensors and device arguments moved there when it was
+    exported on another); an unreadable archive is one ModelFormatError naming the file."""
     import torch
 
     target = torch_device(device)
     try:
         program = torch.export.load(str(path))
-        if target.type != "cpu":
+        if target.type != built_on:
             from torch.export.passes import move_to_device_pass
 
             program = move_to_device_pass(program, target)
