@@ -22,13 +22,12 @@ import numpy as np
 
 from toolkit.errors import ToolkitError
 from toolkit.v2 import (
-    MAX_DIM,
-    MAX_DIMS,
     InferRequest,
     ProtocolError,
     RequestedOutput,
     Tensor,
-    deserialize_bytes_tensor,
+    binary_tensor,
+    parse_shape,
     serialize_bytes_tensor,
     v2_to_np,
 )
@@ -71,33 +70,16 @@ def _parameters(params: Any) -> dict[str, Any]:
     return out
 
 
-def _shape(dims: Any, name: str) -> list[int]:
-    shape = [int(d) for d in dims]
-    if len(shape) > MAX_DIMS or any(d < 0 or d > MAX_DIM for d in shape):
-        raise ProtocolError(f"input {name!r}: shape {shape[:8]} is out of range (at most {MAX_DIMS} "
-                            f"dimensions of 0..{MAX_DIM})")
-    return shape
-
-
 def _input(tensor: Any, raw: bytes | None, extensions: protocol.ProtocolState) -> Tensor:
     name, datatype = tensor.name, tensor.datatype
     dtype = v2_to_np(datatype)
-    shape = _shape(tensor.shape, name)
+    shape = parse_shape([int(d) for d in tensor.shape], name)
     params = _parameters(tensor.parameters)
     count = math.prod(shape)
     if protocol.SHM_REGION in params:
         data = extensions.read_input(params, datatype, shape, name)
-    elif raw is not None:
-        if datatype == "BYTES":
-            data = deserialize_bytes_tensor(raw)
-            if len(data) != count:
-                raise ProtocolError(f"input {name!r}: shape {shape} needs {count} strings, got {len(data)}")
-        else:
-            needed = count * dtype.itemsize
-            if len(raw) != needed:
-                raise ProtocolError(f"input {name!r}: {datatype} shape {shape} needs {needed} bytes, "
-                                    f"raw_input_contents holds {len(raw)}")
-            data = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
+    elif raw is not None:  # the same check of raw bytes as HTTP's binary extension
+        data = binary_tensor(memoryview(raw), datatype, shape, name, source="raw_input_contents")
     else:
         field = _CONTENTS.get(datatype)
         if field is None:

@@ -124,7 +124,8 @@ def _element_count(shape: Sequence[int]) -> int:
     return math.prod(shape)  # exact Python int: no int64 overflow for hostile shapes
 
 
-def _parse_shape(value: Any, name: str) -> list[int]:
+def parse_shape(value: Any, name: str) -> list[int]:
+    """A tensor's shape from a client (JSON list, or a protobuf's dims as a list), bounded."""
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in value):
         raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers, got "
@@ -181,7 +182,10 @@ def _json_tensor(raw: Mapping[str, Any], datatype: str, shape: list[int], name: 
         raise ProtocolError(f"input {name!r}: data is not valid {datatype} ({exc})") from None
 
 
-def _binary_tensor(chunk: memoryview, datatype: str, shape: list[int], name: str) -> np.ndarray:
+def binary_tensor(chunk: memoryview, datatype: str, shape: list[int], name: str,
+                  source: str = "binary_data_size") -> np.ndarray:
+    """Raw little-endian bytes (HTTP's binary extension, gRPC's raw_input_contents) as a tensor of `shape`;
+    `source` names where the bytes came from in the error."""
     if datatype == "BYTES":
         array = deserialize_bytes_tensor(chunk)
         if len(array) != _element_count(shape):
@@ -249,7 +253,7 @@ def decode_request(body: bytes, header_length: str | int | None = None,
         if not isinstance(datatype, str):
             raise ProtocolError(f"input {name!r}: missing 'datatype'")
         v2_to_np(datatype)
-        shape = _parse_shape(raw.get("shape"), name)
+        shape = parse_shape(raw.get("shape"), name)
         params = _parameters(raw, f"input {name!r}")
         size = params.get("binary_data_size")
         if "shared_memory_region" in params:
@@ -260,7 +264,7 @@ def decode_request(body: bytes, header_length: str | int | None = None,
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
                 raise ProtocolError(f"input {name!r}: binary_data_size {_short(size)} does not fit the "
                                     f"{len(tail)} bytes after the JSON header")
-            data = _binary_tensor(tail[offset:offset + size], datatype, shape, name)
+            data = binary_tensor(tail[offset:offset + size], datatype, shape, name)
             offset += size
         else:
             data = _json_tensor(raw, datatype, shape, name)
@@ -361,13 +365,13 @@ def decode_response(body: bytes, header_length: str | int | None = None) -> dict
         name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
         if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
             raise ProtocolError("response output lacks 'name', 'datatype' or 'shape'")
-        shape = _parse_shape(shape, name)
+        shape = parse_shape(shape, name)
         size = _parameters(raw, f"output {name!r}").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(tail):
                 raise ProtocolError(f"output {name!r}: binary_data_size {_short(size)} does not fit "
                                     "the response")
-            result[name] = _binary_tensor(tail[offset:offset + size], datatype, shape, name)
+            result[name] = binary_tensor(tail[offset:offset + size], datatype, shape, name)
             offset += size
         else:
             result[name] = _json_tensor(raw, datatype, shape, name)
