@@ -98,7 +98,8 @@ class TargetOptions:
     """The options of the engine and repository formats; other formats refuse them by name."""
 
     max_batch: Annotated[int | None, typer.Option(
-        min=1, help="TensorRT profile's largest batch and Triton's max_batch_size. Default: max(32, "
+        min=1, help="Largest batch of a TensorRT profile, of a pt2/aoti program's batch range, and "
+        "Triton's max_batch_size. Default: max(32, "
         "--batch-size).", rich_help_panel=TARGET)] = None
     workspace_gb: Annotated[float | None, typer.Option(
         min=0.1, help="TensorRT builder memory pool (GiB).", rich_help_panel=TARGET)] = None
@@ -123,7 +124,8 @@ def export(
         "(for triton: the model repository). Default: beside the checkpoint (model.pt -> model.onnx, "
         "model.int8.onnx, model.ts).")] = None,
     precision: Annotated[Precision, typer.Option(
-        help="fp16/int8 live in the ONNX itself (also the TensorRT path).")] = Precision["fp32"],
+        help="onnx/tensorrt/triton: fp16/int8 live in the ONNX itself; torchscript/pt2/aoti: fp16/bf16 "
+        "weights behind fp32 inputs and outputs.")] = Precision["fp32"],
     opset: Annotated[int | None, typer.Option(
         help="ONNX opset (18+ uses the dynamo exporter, older the legacy one). "
         "Default: 18; 19 for int8.")] = None,
@@ -136,7 +138,7 @@ def export(
     allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Export a checkpoint to TorchScript, ONNX (fp32/fp16/int8), TensorRT or a Triton repository, verified.
+    """Export a checkpoint to TorchScript, ONNX, torch.export, AOTInductor, TensorRT or Triton, verified.
 
     Options that belong to other formats (--name for onnx, say) are refused with the valid ones named.
     """
@@ -183,9 +185,10 @@ def benchmark_command(
     card: CardOptions,
     model: ModelOpt = None,
     formats: Annotated[list[str] | None, typer.Option("--formats", help="Formats to try (repeat or comma-"
-                       "separate): torch, torchscript, onnx, openvino, tensorrt. Default: all.")] = None,
+                       "separate): torch, torchscript, pt2, aoti, onnx, openvino, tensorrt. Default: "
+                       "all.")] = None,
     precisions: Annotated[list[str] | None, typer.Option("--precisions", help="Precisions of the exported "
-                          "files: fp32, fp16, int8 (repeat or comma-separate). Default: all.")] = None,
+                          "ONNX files: fp32, fp16, int8 (repeat or comma-separate). Default: all.")] = None,
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
     limit: LimitOpt = None,

@@ -239,6 +239,8 @@ class TorchRunner(Runner):
         return out
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
+        if not batch.flags.writeable:  # the server's shared-memory views: torch refuses to alias them
+            batch = batch.copy()
         x = self._torch.from_numpy(batch).to(self._device)
         return self._execute("float", x)
 
