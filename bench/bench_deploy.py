@@ -213,9 +213,17 @@ def report(title: str, plan: list[Row], results: dict[Row, dict[str, float]],
         got = results[row]
         print(f"{row.path:14s} {row.precision:9s} {got['model']:17,.1f} {got['model'] / base['model']:10.2f} "
               f"{got['e2e']:17,.1f} {got['e2e'] / base['e2e']:10.2f} {built[row.artifact][1]:8.1f}")
-    fastest = max(plan, key=lambda r: results[r]["model"])
-    fp32 = max((r for r in plan if r.precision == "fp32"), key=lambda r: results[r]["model"])
-    print(f"fastest path: {fastest.path} {fastest.precision}; fastest at fp32: {fp32.path}", flush=True)
+    fp32 = [r for r in plan if r.precision == "fp32"]
+    native = [r for r in plan if r.backend not in ("onnxruntime", "openvino")]
+    print(f"fastest (within 5%): {leaders(plan, results)}; at fp32: {leaders(fp32, results)}; "
+          f"PyTorch-native: {leaders(native, results)}", flush=True)
+
+
+def leaders(plan: list[Row], results: dict[Row, dict[str, float]], within: float = 0.05) -> str:
+    """The fastest row by model-only img/s, and any others within `within` of it (a tie on this machine)."""
+    best = max(results[r]["model"] for r in plan)
+    return ", ".join(f"{r.path} {r.precision}" for r in sorted(plan, key=lambda r: -results[r]["model"])
+                     if results[r]["model"] >= (1 - within) * best)
 
 
 def main() -> None:

@@ -129,12 +129,12 @@ def test_a_package_runs_only_at_its_own_precision(cifar_aoti):
         open_model(cifar_aoti, precision="bf16")
 
 
-def test_no_cpp_compiler_is_one_line_before_any_work(cifar, tmp_path, monkeypatch):
+def test_no_cpp_compiler_is_one_line_before_any_work(cifar, tmp_path):
     from torch._inductor import config
 
-    monkeypatch.setattr(config.cpp, "cxx", (None, "no-such-c++"))
-    with pytest.raises(BackendUnavailableError, match=r"needs a C\+\+ compiler.*no-such-c\+\+"):
-        run_export(cifar, "aoti", tmp_path / "x.aoti.pt2")
-    result = invoke("export", "-m", cifar, "--format", "aoti", "-o", tmp_path / "y.aoti.pt2")
+    with config.patch({"cpp.cxx": (None, "no-such-c++")}):  # what inductor searches: $CXX, else g++
+        with pytest.raises(BackendUnavailableError, match=r"needs a C\+\+ compiler.*no-such-c\+\+"):
+            run_export(cifar, "aoti", tmp_path / "x.aoti.pt2")
+        result = invoke("export", "-m", cifar, "--format", "aoti", "-o", tmp_path / "y.aoti.pt2")
     assert result.exit_code == 1 and "export --format pt2" in result.output
     assert not list(tmp_path.iterdir())
