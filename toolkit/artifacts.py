@@ -7,6 +7,8 @@ Every exporter writes both the same way, each in its format's own container:
 
     ONNX         metadata_props  "toolkit.card"  and  "toolkit.artifact"  (JSON)
     TorchScript  _extra_files    "card.json"     and  "artifact.json"
+    PT2          extra files     "card.json"     and  "artifact.json"  (torch.export programs and
+                                 AOTInductor packages; toolkit/pt2_archive.py tells the two apart)
     TensorRT     sidecars        <engine>.card.json  and  <engine>.facts.json  (never bytes in the engine)
 
 `read_onnx`, `read_torchscript` and `read_engine` read them back as `(card, facts)`: ONNX files with
@@ -277,22 +279,31 @@ def torchscript_extra_files(card: ModelCard, facts: ArtifactFacts) -> dict[str, 
     return {TORCHSCRIPT_CARD_FILE: card.to_json(), TORCHSCRIPT_FACTS_FILE: facts.to_json()}
 
 
+def archive_extra_files(archive: zipfile.ZipFile, path: Path, names: Sequence[str]) -> dict[str, bytes]:
+    """`<root>/extra/<name>` entries of a torch zip archive (TorchScript, PT2), each bounded: by its
+    declared size and by what its stream really gives."""
+    limits = {TORCHSCRIPT_CARD_FILE: MAX_CARD_BYTES, TORCHSCRIPT_FACTS_FILE: MAX_FACTS_BYTES}
+    found = {}
+    for info in archive.infolist():
+        parts = info.filename.split("/")
+        if len(parts) != 3 or parts[1] != "extra" or parts[2] not in names:
+            continue
+        limit = limits[parts[2]]
+        with archive.open(info) as member:
+            data = member.read(limit + 1)
+        if info.file_size > limit or len(data) > limit:
+            raise ModelFormatError(f"{path}: malformed {parts[2]}: over the limit of {limit} bytes")
+        found[parts[2]] = data
+    return found
+
+
 def read_torchscript(path: str | Path) -> tuple[ModelCard, ArtifactFacts]:
     """torch.jit.save writes a zip whose `<archive>/extra/<name>` entries are the extra files."""
     path = Path(path)
     require_file(path, error=ModelFormatError, what="TorchScript file")
     try:
         with zipfile.ZipFile(path) as archive:
-            extra = {}
-            for info in archive.infolist():
-                parts = info.filename.split("/")
-                if len(parts) == 3 and parts[1] == "extra" and \
-                        parts[2] in (TORCHSCRIPT_CARD_FILE, TORCHSCRIPT_FACTS_FILE):
-                    limit = MAX_CARD_BYTES if parts[2] == TORCHSCRIPT_CARD_FILE else MAX_FACTS_BYTES
-                    if info.file_size > limit:
-                        raise ModelFormatError(f"{path}: malformed {parts[2]}: {info.file_size} bytes, "
-                                               f"over the limit of {limit}")
-                    extra[parts[2]] = archive.read(info)
+            extra = archive_extra_files(archive, path, (TORCHSCRIPT_CARD_FILE, TORCHSCRIPT_FACTS_FILE))
     except (zipfile.BadZipFile, OSError) as exc:
         raise ModelFormatError(f"{path}: not a readable TorchScript archive ({first_line(exc)})") from None
     text = extra.get(TORCHSCRIPT_CARD_FILE)

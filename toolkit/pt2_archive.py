@@ -17,20 +17,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .artifacts import (
-    MAX_FACTS_BYTES,
     TORCHSCRIPT_CARD_FILE,
     TORCHSCRIPT_FACTS_FILE,
     ArtifactFacts,
+    archive_extra_files,
     card_from_json,
 )
-from .card import MAX_CARD_BYTES, ModelCard
+from .card import ModelCard
 from .errors import DataError, ModelFormatError, first_line
 from .paths import require_file
 
 FORMATS = ("pt2", "aoti")  # the artifact formats stored as PT2 archives
 CARD_FILE, FACTS_FILE = TORCHSCRIPT_CARD_FILE, TORCHSCRIPT_FACTS_FILE
 ARCHIVE_FORMAT = b"pt2"  # the content of <root>/archive_format
-LIMITS = {CARD_FILE: MAX_CARD_BYTES, FACTS_FILE: MAX_FACTS_BYTES}
 
 
 def pt2_extra_files(card: ModelCard, facts: ArtifactFacts) -> dict[str, str]:
@@ -59,28 +58,12 @@ def pt2_format(path: str | Path) -> str:
     return _read(Path(path), ())[0]
 
 
-def _extra(archive: zipfile.ZipFile, path: Path, names: Sequence[str]) -> dict[str, bytes]:
-    """`<root>/extra/<name>` entries, each bounded (declared size, and what the stream really gives)."""
-    found = {}
-    for info in archive.infolist():
-        parts = info.filename.split("/")
-        if len(parts) != 3 or parts[1] != "extra" or parts[2] not in names:
-            continue
-        limit = LIMITS[parts[2]]
-        with archive.open(info) as member:
-            data = member.read(limit + 1)
-        if info.file_size > limit or len(data) > limit:
-            raise ModelFormatError(f"{path}: malformed {parts[2]}: over the limit of {limit} bytes")
-        found[parts[2]] = data
-    return found
-
-
 def _read(path: Path, names: Sequence[str]) -> tuple[str, dict[str, bytes]]:
     """(kind, the `extra/` entries named) of a PT2 archive."""
     try:
         with zipfile.ZipFile(path) as archive:
             kind = kind_of(archive)
-            extra = _extra(archive, path, names) if kind else {}
+            extra = archive_extra_files(archive, path, names) if kind else {}
     except (zipfile.BadZipFile, OSError, KeyError) as exc:
         raise ModelFormatError(f"{path}: not a readable .pt2 archive ({first_line(exc)})") from None
     if kind is None:
