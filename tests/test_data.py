@@ -130,3 +130,26 @@ def test_limit_edges():
     aligned = data.subset(4).aligned_to(("c1", "c0"))
     assert aligned.sampling == "4 of 10 images, class-balanced (seed 0)"
 
+
+# --- reading small image files whole (the decode pool's fast path) --------------------------------
+
+def test_small_files_are_read_whole_and_others_streamed_or_refused(tmp_path):
+    """One open/fstat/read for small regular files; None (so decode_image opens the path itself and
+    names the problem) for large files, folders, FIFOs (never waited on) and missing files."""
+    from toolkit.decode_pool import load_uint8, small_file_bytes
+
+    small = tmp_path / "small.jpg"
+    Image.fromarray(np.full((40, 30, 3), 120, np.uint8)).save(small, quality=75)
+    assert small_file_bytes(small) == small.read_bytes()
+    assert small_file_bytes(small, limit=10) is None and small_file_bytes(tmp_path) is None
+    assert small_file_bytes(tmp_path / "missing.jpg") is None
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    assert small_file_bytes(fifo) is None  # returns at once: O_NONBLOCK, then fstat says FIFO
+    card = ModelCard(arch="resnet20", class_names=("a", "b"), input_size=(3, 32, 32), resize_size=32)
+    with pytest.raises(DataError, match="named pipe"):
+        load_uint8(fifo, card)
+    with pytest.raises(DataError, match="not found"):
+        load_uint8(tmp_path / "missing.jpg", card)
+    assert load_uint8(small, card).shape == (32, 32, 3)
+

@@ -6,13 +6,16 @@ the figures in the README's GPU section) and are kept as an option (`kind="proce
 machines where a decoder holds the GIL. Work is submitted a bounded window ahead of the consumer,
 so the pool never idles at batch boundaries and memory stays bounded.
 
-Batches are decoded in runs of consecutive files, one task per run (`chunk`): a 32x32 JPEG costs
-Pillow about 100 µs, about as much as handing one future between two threads, so one task per file
-spent half the decoding CPU on the hand-over (bench/bench_folder.py; issue 18 item 6).
+Small images cost as much in overhead as in decoding (a 32x32 JPEG: about 90 µs of Pillow), so
+(bench/bench_folder.py; issue 18 item 6) batches are decoded in runs of consecutive files, one task
+per run (`chunk`) instead of one future per file, and small files are read whole in one system call
+(`small_file_bytes`) instead of through the JPEG plugin's thirty-odd buffered reads.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -32,6 +35,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 POOL_KINDS = ("thread", "process")
 MAX_CHUNK = 32  # files per task in `batches`: the hand-over cost spread, every worker still busy
+SMALL_FILE = 1 << 20  # files up to this size are read whole, in one system call (`small_file_bytes`)
 
 
 def default_workers() -> int:
@@ -47,15 +51,43 @@ def resolve_workers(workers: int | None) -> int:
     return int(workers)
 
 
-def load_uint8(path: Path, card: ModelCard) -> np.ndarray:
+def small_file_bytes(path: str | Path, limit: int = SMALL_FILE) -> bytes | None:
+    """The bytes of a regular file of at most `limit` bytes, by one open, fstat and read; None for a
+    larger file (stream it) and for anything that is not a regular file (`require_file` names it).
+
+    O_NONBLOCK: a FIFO or a device is found by `fstat` and refused, never waited on. For a 1 kB JPEG
+    this saves about a quarter of the decode: stat + open + the plugin's thirty-odd buffered reads
+    cost about 30 µs, Pillow's decoding about 90 µs (bench/bench_folder.py; issue 18 item 6)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None  # the caller's open names the problem
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        data = os.read(fd, info.st_size + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) == info.st_size else None  # changed since fstat: stream it
+
+
+def load_uint8(path: Path, card: ModelCard, name: str | None = None) -> np.ndarray:
     """One file -> uint8 HxWx3 at the card's input size (JPEGs drafted at reduced scale first).
 
-    Module-level (picklable) so a process pool can run it; the error it raises names the file.
+    Small files are read whole first (`small_file_bytes`); others, and anything that is not a regular
+    file, go to `decode_image` by path, which refuses them with its own message. Module-level
+    (picklable) so a process pool can run it; the error it raises names the file (or `name`).
     """
     from .images import decode_image
     from .preprocess import to_uint8
 
-    return to_uint8(decode_image(path, draft_size=(card.resize_size, card.resize_size)), card)
+    data = small_file_bytes(path)
+    draft = (card.resize_size, card.resize_size)
+    image = decode_image(data if data is not None else path, draft_size=draft, name=name or str(path))
+    return to_uint8(image, card)
 
 
 def _run(fn: Callable[[T], R], items: Sequence[T]) -> list[tuple[bool, Any]]:

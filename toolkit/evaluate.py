@@ -21,11 +21,9 @@ import numpy as np
 
 from .card import ModelCard, generic_class_names
 from .data import Dataset, expand_inputs
-from .decode_pool import resolve_workers
+from .decode_pool import load_uint8, resolve_workers
 from .errors import DataError, ToolkitError
-from .images import decode_image
 from .metrics import Calibration, ConfusionMatrix, log_softmax, top_confusions
-from .preprocess import to_uint8
 from .runtime.base import Runner
 
 T = TypeVar("T")
@@ -339,8 +337,7 @@ def _load(item: PredictInput, card: ModelCard) -> np.ndarray | str:
     if item.error is not None or item.path is None:
         return item.error or f"{item.name}: nothing to read"
     try:
-        image = decode_image(item.path, draft_size=(card.resize_size, card.resize_size), name=item.name)
-        return to_uint8(image, card)
+        return load_uint8(item.path, card, name=item.name)
     except ToolkitError as exc:
         return str(exc)
     except (OSError, ValueError) as exc:  # a file that vanished or a mode Pillow cannot convert
