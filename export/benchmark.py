@@ -30,14 +30,14 @@ import numpy as np
 from toolkit.data import Dataset, load_dataset
 from toolkit.errors import ToolkitError, UsageError, first_line
 from toolkit.evaluate import align_dataset, evaluate
-from toolkit.names import EXPORT_PRECISIONS, RUN_PRECISIONS
+from toolkit.names import ONNX_PRECISIONS, RUN_PRECISIONS
 from toolkit.runtime.base import Runner
 
 if TYPE_CHECKING:  # pragma: no cover
     from toolkit.card_layers import CardFlags
 
 FORMATS = ("torch", "torchscript", "onnx", "openvino", "tensorrt", "pt2", "aoti")
-PRECISIONS = EXPORT_PRECISIONS
+PRECISIONS = ONNX_PRECISIONS  # of the exported ONNX files (--precisions)
 # rows whose runner computes at a precision of its own choosing (--precision), from an fp32 artifact
 RUN_BACKENDS = ("torch", "torchscript")
 

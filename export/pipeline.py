@@ -62,9 +62,10 @@ from toolkit.card import ModelCard
 from toolkit.data import Dataset, load_dataset
 from toolkit.errors import DataError, ExportError, NoSpaceError, UsageError, VerificationError
 from toolkit.fileio import COMPANION_SUFFIXES, artifact_size
-from toolkit.names import EXPORT_FORMATS, EXPORT_PRECISIONS
+from toolkit.names import EXPORT_FORMATS, EXPORT_PRECISIONS, ONNX_PRECISIONS
 from toolkit.runtime.base import Runner
 
+from .torchscript import PRECISIONS as TORCHSCRIPT_PRECISIONS
 from .verify import Tolerances, VerifyReport, verify, without_calibration
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -302,11 +303,11 @@ def build_onnx(job: ExportJob, path: Path) -> Path:
 def _write_torchscript(job: ExportJob, path: Path) -> Path:
     from . import torchscript
 
-    return torchscript.export(job.model, job.card, path)
+    return torchscript.export(job.model, job.card, path, job.precision)
 
 
-TORCHSCRIPT = FormatSpec("torchscript", _write_torchscript)
-ONNX = FormatSpec("onnx", build_onnx, EXPORT_PRECISIONS, uses_onnx=True)
+TORCHSCRIPT = FormatSpec("torchscript", _write_torchscript, TORCHSCRIPT_PRECISIONS)
+ONNX = FormatSpec("onnx", build_onnx, ONNX_PRECISIONS, uses_onnx=True)
 _LOADED: dict[str, FormatSpec] = {}
 
 

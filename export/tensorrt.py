@@ -24,7 +24,7 @@ from toolkit.artifacts import PRECISIONS, ArtifactFacts, TensorFacts, facts_path
 from toolkit.card import ModelCard, sidecar_path
 from toolkit.errors import ExportError, ModelFormatError, UsageError, first_line
 from toolkit.fileio import atomic_path, atomic_write_bytes
-from toolkit.names import EXPORT_PRECISIONS
+from toolkit.names import ONNX_PRECISIONS
 from toolkit.runtime.base import Runner
 from toolkit.runtime.tensorrt_runner import TensorRTEnvironment, tensorrt_environment, trt_logger
 
@@ -229,5 +229,5 @@ def open_engine(path: Path, job: ExportJob) -> Runner:
     return TensorRTRunner.open(path, device=job.device)
 
 
-FORMAT = FormatSpec("tensorrt", write_engine, EXPORT_PRECISIONS, options=(TensorRTOptions,),
+FORMAT = FormatSpec("tensorrt", write_engine, ONNX_PRECISIONS, options=(TensorRTOptions,),
                     uses_onnx=True, open_runner=open_engine)

@@ -28,7 +28,7 @@ from toolkit.artifacts import ONNX_CARD_KEY, ArtifactFacts, TensorFacts, facts_p
 from toolkit.card import ModelCard, sidecar_path
 from toolkit.errors import ExportError, ModelFormatError, UsageError
 from toolkit.fileio import atomic_directory, companions
-from toolkit.names import EXPORT_PRECISIONS
+from toolkit.names import ONNX_PRECISIONS
 from toolkit.runtime.base import Runner
 from toolkit.runtime.registry import FORMATS as ARTIFACT_FORMATS
 
@@ -344,7 +344,7 @@ def open_model_folder(path: Path, job: ExportJob) -> Runner:
     return open_model(path, device=job.device)
 
 
-FORMAT = FormatSpec("triton", write_repository, EXPORT_PRECISIONS,
+FORMAT = FormatSpec("triton", write_repository, ONNX_PRECISIONS,
                     options=(TritonOptions, TensorRTOptions), uses_onnx=True, model_folder=job_model_name,
                     open_runner=open_model_folder,
                     default_name=lambda p: "_triton" if p == "fp32" else f"_triton_{p}")

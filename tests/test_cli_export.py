@@ -86,7 +86,8 @@ def test_failed_verification_keeps_artifact_aside_and_good_file(ckpt, tmp_path):
 @pytest.mark.parametrize(("args", "code", "message"), [
     (["--precision", "int8"], 2, "calib"),
     (["--opset", "99"], 2, "opset 99"),
-    (["--format", "torchscript", "--precision", "fp16"], 2, "precision"),
+    (["--format", "torchscript", "--precision", "int8"], 2, "supports precision fp32, fp16, not int8"),
+    (["--format", "onnx", "--precision", "bf16"], 2, "supports precision fp32, fp16, int8, not bf16"),
     (["--format", "nonsense"], 2, "nonsense"),
 ])
 def test_bad_options(ckpt, args, code, message):
@@ -129,3 +130,16 @@ def test_info_on_corrupt_onnx(tmp_path):
 def test_info_on_checkpoint_and_torchscript(ckpt):
     facts = json.loads(invoke("info", "-m", ckpt, "--json").stdout)
     assert facts["format"] == "checkpoint" and facts["card"]["arch"] == "resnet20"
+
+
+@pytest.mark.slow
+def test_torchscript_fp16_from_the_cli_is_verified_by_accuracy(ckpt, tmp_path):
+    """`--format torchscript --precision fp16` (the README's example): fp16 inside, judged by McNemar."""
+    out = tmp_path / "half.ts"
+    result = invoke("export", "-m", ckpt, "--format", "torchscript", "--precision", "fp16", "-o", out,
+                    "--calib-dataset", "sample", "--json")
+    assert result.exit_code == 0, result.output
+    verify = json.loads(result.stdout)["verify"]
+    assert verify["passed"] and verify["mcnemar"] is not None
+    info = json.loads(invoke("info", "-m", out, "--json").stdout)
+    assert info["precision"] == "fp16"

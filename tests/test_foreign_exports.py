@@ -17,8 +17,7 @@ from support.cli import invoke
 from support.weights import perturb_batchnorm_
 from test_checkpoint_timm import LABELS, NUM_CLASSES, expected_fields
 from test_checkpoint_transformers import SHAPES, processor, resnet_config
-from toolkit.runtime.registry import read_artifact
-from toolkit.runtime.registry import open_model
+from toolkit.runtime.registry import open_model, read_artifact
 
 TOLERANCE = 1e-4
 TRAINED_LOGITS = 10.0  # |logit| of a trained ImageNet classifier is of this order

@@ -18,8 +18,8 @@ import torch
 
 from support.cli import invoke
 from support.serve import free_port, wait_for
-from toolkit.runtime.registry import read_artifact
 from toolkit.data import load_sample
+from toolkit.runtime.registry import read_artifact
 
 pytestmark = pytest.mark.slow
 

@@ -54,6 +54,7 @@ class ValidationReport:
     layout: str | None = None
     accuracy: float | None = None
     accuracy_samples: int | None = None
+    accuracy_sampling: str | None = None  # how --limit chose them (class-balanced, seeded), if it did
     accuracy_device: str | None = None  # where and at what precision the accuracy was measured
     accuracy_precision: str | None = None
     problems: list[Problem] = field(default_factory=list)
@@ -267,7 +268,7 @@ def _check_accuracy(model: Any, report: ValidationReport, dataset: str, data_dir
     runner = TorchRunner(model, report.card, source=report.path, device=device, precision=precision)
     assert data.labels is not None  # every --dataset is labelled (load_dataset)
     report.accuracy = top1_accuracy(collect_logits(runner, data, batch_size), data.labels)
-    report.accuracy_samples = len(data)
+    report.accuracy_samples, report.accuracy_sampling = len(data), data.sampling
     report.accuracy_device, report.accuracy_precision = runner.device, runner.precision
     if min_accuracy is not None and report.accuracy < min_accuracy:
         report.add("error", "accuracy_below_threshold",

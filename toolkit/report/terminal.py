@@ -78,7 +78,8 @@ def render_validation(report: ValidationReport, console: Any) -> None:
     if report.accuracy is not None:
         published = (f"; published {report.recognised['top1']:g} % on {report.recognised['dataset']}"
                      if report.recognised else "")
-        rows.append(("accuracy", f"{report.accuracy:.2%} top-1 on {report.accuracy_samples} images"
+        images = report.accuracy_sampling or f"{report.accuracy_samples} images"
+        rows.append(("accuracy", f"{report.accuracy:.2%} top-1 on {images}"
                      f" ({report.accuracy_precision or 'fp32'} on {report.accuracy_device or 'cpu'})"
                      f"{published}"))
     _print_facts(rows, console)
@@ -265,8 +266,8 @@ def render_benchmark(result: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
     console.print(f"[bold]{escape(result['model'])}[/] on [bold]{escape(result['dataset'])}[/] "
-                  f"[dim]({result['num_samples']} images, {result['device']}, batch sizes "
-                  f"{', '.join(map(str, result['batch_sizes']))})[/]")
+                  f"[dim]({result.get('sampling') or str(result['num_samples']) + ' images'}, "
+                  f"{result['device']}, batch sizes {', '.join(map(str, result['batch_sizes']))})[/]")
     table = Table(show_edge=False, header_style="bold")
     for name, justify in (("format", "left"), ("status", "left"), ("size", "right"), ("accuracy", "right"),
                           ("macro-F1", "right"), ("agree", "right"), ("p50 ms", "right"), ("p99 ms", "right"),
