@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from toolkit.card import ModelCard
 from toolkit.data import Dataset, balanced_indices
 from toolkit.errors import ExportError, UsageError, first_line
 from toolkit.names import CALIB_METHODS
+from toolkit.quiet import quieted
 
 from . import onnx as onnx_export
 
@@ -118,7 +117,8 @@ def quantize_selected(fp32_onnx: str | Path, card: ModelCard, output: str | Path
     try:
         prepared = work / "prepared.onnx"
         quantized = work / "int8.onnx"
-        with _quiet_root_logger(), contextlib.redirect_stdout(io.StringIO()):
+        # ORT's quantizer logs its progress through the root logger and prints to stdout
+        with quieted(None), contextlib.redirect_stdout(io.StringIO()):
             try:
                 quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=True)
             except Exception:  # noqa: BLE001 - pre-processing only helps; quantise the original instead
@@ -144,19 +144,6 @@ def quantize_selected(fp32_onnx: str | Path, card: ModelCard, output: str | Path
         return onnx_export.save(proto, card, output, facts)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """ORT's quantizer logs its progress through the root logger: quiet it for the call only, so the
-    process's own warnings (and a caller's logging set-up) are unchanged afterwards."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def _input_name(path: Path) -> str:

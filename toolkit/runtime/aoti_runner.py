@@ -14,9 +14,7 @@ native code.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from ..artifacts import ArtifactFacts
 from ..card import ModelCard
 from ..errors import ModelFormatError, UsageError, first_line
 from ..pt2_archive import read_pt2
+from ..quiet import quieted
 from .base import Runner
 from .pt2_runner import batch_limits
 from .torch_runner import torch_device
@@ -33,18 +32,11 @@ from .torch_runner import torch_device
 REBUILD_HINT = "rebuild it here: toolkit export -m CHECKPOINT --format aoti"
 
 
-@contextlib.contextmanager
-def quiet_cuda_home_warning() -> Iterator[None]:
+def quiet_cuda_home_warning() -> contextlib.AbstractContextManager[None]:
     """torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when inductor first
     imports it on a machine with a CUDA_HOME and no GPU: noise for a CPU package, so its warnings are
     off while inductor compiles or loads one."""
-    log = logging.getLogger("torch.utils.cpp_extension")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+    return quieted("torch.utils.cpp_extension")
 
 
 def release(version: str) -> str:
