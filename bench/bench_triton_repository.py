@@ -24,6 +24,7 @@ bench/.tools/triton-venv (ignored by git), with the Python backend's stub for th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -143,11 +144,9 @@ def wait_live(port: int, process: subprocess.Popen, what: str, timeout_s: float 
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{what} exited (code {process.returncode})")
-        try:
+        with contextlib.suppress(httpx.HTTPError):  # not listening yet: ask again
             if httpx.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=1).status_code == 200:
                 return
-        except httpx.HTTPError:
-            pass
         time.sleep(0.2)
     raise RuntimeError(f"{what} did not start within {timeout_s:g} s")
 

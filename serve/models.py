@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -111,11 +112,9 @@ class ServedModel:
     async def close(self, timeout_s: float) -> None:
         """Let the requests it accepted finish (at most `timeout_s`), then stop it and free its runners."""
         if self.in_flight:
-            try:
+            with contextlib.suppress(TimeoutError):  # past the drain time, stopping the batcher ends them
                 async with asyncio.timeout(timeout_s):
                     await self._idle.wait()
-            except TimeoutError:
-                pass
         await self.batcher.stop()
         if self.release is not None:
             await self.release()
